@@ -1,0 +1,205 @@
+"""The frozen configuration of one REFINE adaptation (see shared/refine-algorithm.md).
+
+Plain Python, no torch: the HTTP edge can build and validate it without touching a device.
+Defaults are the paper's test-time defaults (n_chunks 8, k 5, n 1, reward ``binary``, sft_coef 1.0,
+ppo_coef 0.4, clip 0.2/0.2, dual clip 3, weight decay 0.01, grad clip 1.0) except ``lr``
+(paper: 1e-6 on all parameters; ours defaults to 1e-4 because the default scope may be small) and
+``steps``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+MODES = ("refine", "sft", "none")
+SELECTION_MODES = ("entropy", "uniform", "argmax", "argmin")
+REWARD_KINDS = ("cosine", "binary", "hybrid")
+SCOPES = ("full", "lora", "layers")
+
+_TUPLE_FIELDS = ("lora_targets", "layers")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
+def _check_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How to adapt a model to one document.
+
+    mode: ``refine`` (NTP + PPO on next-sequence rollouts), ``sft`` (NTP only, the paper's
+    baseline) or ``none`` (no adaptation).
+    steps, lr, weight_decay, grad_clip: the AdamW inner loop (constant schedule).
+    n_chunks, k, n: positions per document (one per chunk), rollout length, rollouts per position.
+    selection: ``entropy`` (sample from softmax of smoothed entropy per chunk), ``uniform``,
+    ``argmax``, ``argmin``.
+    reward: ``binary`` (token match), ``cosine`` (hidden-state cosine), ``hybrid`` (their sum).
+    sft_coef, ppo_coef: loss = sft_coef * NTP + ppo_coef * PPO.
+    clip_low, clip_high, dual_clip: PPO ratio clip to [1 - clip_low, 1 + clip_high]; dual clip c.
+    temperature: sampling temperature of the rollouts (paper: 1; H_t is always at temperature 1).
+    edge_margin: rollout starts are kept >= edge_margin tokens after the start of the document and
+    >= edge_margin tokens (plus the k continuation tokens) before its end.
+    scope: which parameters are trained: ``full`` (all), ``lora`` (low-rank adapters of rank
+    ``lora_rank``, scale ``lora_alpha / lora_rank``, on the linear layers named in
+    ``lora_targets``), ``layers`` (all parameters of the blocks whose indices are in ``layers``).
+    seed: base seed of the adaptation's ``torch.Generator``.
+    """
+
+    mode: str = "refine"
+    steps: int = 4
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    n_chunks: int = 8
+    k: int = 5
+    n: int = 1
+    selection: str = "entropy"
+    reward: str = "binary"
+    sft_coef: float = 1.0
+    ppo_coef: float = 0.4
+    clip_low: float = 0.2
+    clip_high: float = 0.2
+    dual_clip: float = 3.0
+    temperature: float = 1.0
+    edge_margin: int = 20
+    scope: str = "full"
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    layers: tuple[int, ...] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        # Lists (e.g. from JSON) become tuples so the config stays hashable and immutable.
+        for name in _TUPLE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self._validate_loop()
+        self._validate_objective()
+        self._validate_scope()
+
+    def _validate_loop(self) -> None:
+        _check_choice("mode", self.mode, MODES)
+        _check_int("steps", self.steps, 0)
+        if _check_float("lr", self.lr) <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if _check_float("weight_decay", self.weight_decay) < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if _check_float("grad_clip", self.grad_clip) <= 0:
+            raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
+        _check_int("seed", self.seed, 0)
+
+    def _validate_objective(self) -> None:
+        _check_int("n_chunks", self.n_chunks, 1)
+        _check_int("k", self.k, 1)
+        _check_int("n", self.n, 1)
+        _check_int("edge_margin", self.edge_margin, 0)
+        _check_choice("selection", self.selection, SELECTION_MODES)
+        _check_choice("reward", self.reward, REWARD_KINDS)
+        for name in ("sft_coef", "ppo_coef"):
+            if _check_float(name, getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.mode == "refine" and self.sft_coef == 0 and self.ppo_coef == 0:
+            raise ValueError("sft_coef and ppo_coef are both 0: mode 'refine' would have no loss")
+        for name in ("clip_low", "clip_high"):
+            value = _check_float(name, getattr(self, name))
+            if not 0 < value <= 1:
+                raise ValueError(f"{name} must be in (0, 1], got {value}")
+        if _check_float("dual_clip", self.dual_clip) <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+        if _check_float("temperature", self.temperature) <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def _validate_scope(self) -> None:
+        _check_choice("scope", self.scope, SCOPES)
+        _check_int("lora_rank", self.lora_rank, 1)
+        if _check_float("lora_alpha", self.lora_alpha) <= 0:
+            raise ValueError(f"lora_alpha must be > 0, got {self.lora_alpha}")
+        targets = self.lora_targets
+        if not isinstance(targets, tuple) or not targets:
+            raise ValueError(f"lora_targets must be a non-empty tuple of names, got {targets!r}")
+        if not all(isinstance(t, str) and t for t in targets):
+            raise ValueError(f"lora_targets must hold non-empty strings, got {targets!r}")
+        if self.layers is None:
+            if self.scope == "layers":
+                raise ValueError("scope 'layers' needs a non-empty layers tuple, got None")
+            return
+        if self.scope != "layers":
+            raise ValueError(f"layers is only used with scope 'layers' (scope is {self.scope!r})")
+        if not isinstance(self.layers, tuple) or not self.layers:
+            raise ValueError(f"layers must be a non-empty tuple of indices, got {self.layers!r}")
+        for index in self.layers:
+            _check_int("layers[i]", index, 0)
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"layers must not repeat an index, got {self.layers!r}")
+
+    def min_document_tokens(self) -> int:
+        """The fewest tokens a document may have under this config (see ``validate_document``)."""
+        if self.mode == "refine":
+            return 2 * self.edge_margin + self.k + self.n_chunks
+        if self.mode == "sft":
+            return 2
+        return 1
+
+    def validate_document(self, n_tokens: int) -> None:
+        """Raise ValueError if a document of ``n_tokens`` tokens is too short for this config.
+
+        mode ``refine`` needs ``n_tokens >= 2 * edge_margin + k + n_chunks``: rollout starts r are
+        clamped to ``[edge_margin, n_tokens - edge_margin - k]`` (so the true continuation
+        x[r:r+k] exists), and this bound keeps that range at least ``n_chunks + 1`` positions wide
+        and every one of the ``n_chunks`` chunks non-empty. mode ``sft`` needs 2 tokens (one
+        next-token target); ``none`` needs 1.
+        """
+        _check_int("n_tokens", n_tokens, 0)
+        need = self.min_document_tokens()
+        if n_tokens < need:
+            if self.mode == "refine":
+                rule = (
+                    f"2*edge_margin + k + n_chunks = 2*{self.edge_margin} + {self.k} + "
+                    f"{self.n_chunks} = {need}"
+                )
+            else:
+                rule = f"{need} for mode {self.mode!r}"
+            raise ValueError(f"document has {n_tokens} tokens; needs at least {rule}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict: tuples become lists."""
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RefineConfig:
+        """Build from a dict (missing keys take defaults); unknown keys raise ValueError."""
+        if not isinstance(d, dict):
+            raise ValueError(f"RefineConfig.from_dict needs a dict, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown RefineConfig keys: {', '.join(map(str, unknown))}")
+        values = {
+            key: tuple(value) if key in _TUPLE_FIELDS and isinstance(value, list) else value
+            for key, value in d.items()
+        }
+        return cls(**values)
