@@ -22,15 +22,20 @@ def rms_norm(
     """
     dtype = x.dtype
     s = x.float() if residual is None else x.float() + residual.float()
+    y = _rms_norm_fp32(s, weight, bias, eps).to(dtype)
+    if not prenorm:
+        return y
+    return y, (s if residual_in_fp32 else s.to(dtype))
+
+
+def _rms_norm_fp32(s: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """RMSNorm of an fp32 tensor [..., D], affine in fp32; no rounding."""
     y = s * torch.rsqrt(s.square().mean(-1, keepdim=True) + eps)
     if weight is not None:
         y = y * weight.float()
     if bias is not None:
         y = y + bias.float()
-    y = y.to(dtype)
-    if not prenorm:
-        return y
-    return y, (s if residual_in_fp32 else s.to(dtype))
+    return y
 
 
 def gated_rms_norm(
@@ -40,8 +45,11 @@ def gated_rms_norm(
     eps: float = 1e-5,
     activation: str = "swish",
 ) -> torch.Tensor:
-    """rms_norm(x) * weight * act(gate) (fla's ``FusedRMSNormGated``). x, gate: [..., D]."""
-    y = rms_norm(x, weight, eps=eps).float()
+    """rms_norm(x) * weight * act(gate) (fla's ``FusedRMSNormGated``). x, gate: [..., D].
+
+    All in fp32, rounded to x's dtype once at the end, as fla's fused kernel does.
+    """
+    y = _rms_norm_fp32(x.float(), weight, None, eps)
     gf = gate.float()
     if activation in ("swish", "silu"):
         y = y * F.silu(gf)

@@ -105,6 +105,7 @@ def _read_model_type(path_or_id: str) -> str:
             raise ModelLoadError(f"{cfg_file} is not a valid model config: {exc}") from exc
     if path_or_id.startswith((".", "/", "~")) or path_or_id.count("/") != 1:
         raise ModelLoadError(f"model path {path_or_id!r} does not exist (and is not a hub id like 'org/name')")
+    register_fla_models()  # AutoConfig must know fla's model types before it reads a hub config
     from transformers import AutoConfig
 
     try:  # a hub id: transformers resolves it unchanged (offline this fails)

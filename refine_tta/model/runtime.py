@@ -39,8 +39,9 @@ def read(
     out = model.model(input_ids=input_ids, past_key_values=cache, use_cache=True, return_dict=True)
     hidden = out.last_hidden_state
     logits = model.lm_head(hidden[:, -1:] if only_last_logits else hidden)
-    new_state = DocumentState.from_cache(out.past_key_values, state.n_tokens + input_ids.shape[1],
-                                         logits[:, -1].float())
+    # A copy, not a view: a view of fp32 logits would keep the whole [B, T, V] tensor alive in the state.
+    next_logits = logits[:, -1].to(torch.float32, copy=True)
+    new_state = DocumentState.from_cache(out.past_key_values, state.n_tokens + input_ids.shape[1], next_logits)
     return ReadOutput(logits, hidden, new_state)
 
 

@@ -161,10 +161,14 @@ class DocumentState:
                     "n_tokens": str(self.n_tokens), "n_layers": str(len(self.layers)),
                     "extra": json.dumps(extra or {}, sort_keys=True)}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(self.state_dict(), str(tmp), metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            save_file(self.state_dict(), str(tmp), metadata=metadata)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a failed save leaves neither a partial file nor a temp file
+            raise
         return path.stat().st_size
 
     @classmethod
