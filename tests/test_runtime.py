@@ -1,0 +1,433 @@
+"""Tier 1: document states round-trip exactly; reading, branching, saving and generating from them.
+
+Tiny random fla models (2 layers, hidden 64) on the CPU (torch) backend, both supported families.
+The reference for every state operation is a single pass over the whole token sequence.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from refine_tta.model import (
+    DocumentState,
+    SamplingConfig,
+    StateMismatchError,
+    fingerprint_model,
+    generate,
+    prepare_model,
+    read,
+    read_document,
+)
+from refine_tta.model.loading import register_fla_models
+
+VOCAB = 128
+ATOL = 1e-5  # logits of these models are O(0.1-1); fp32 path differences are O(1e-7)
+
+
+def decode(ids: list[int]) -> str:
+    return "".join(chr(65 + i % 26) for i in ids)
+
+
+def build(model_type: str, seed: int = 0) -> torch.nn.Module:
+    register_fla_models()
+    from fla.models import DeltaNetConfig, GatedDeltaNetConfig
+    from transformers import AutoModelForCausalLM
+
+    if model_type == "delta_net":
+        config = DeltaNetConfig(hidden_size=64, num_heads=2, num_hidden_layers=2, vocab_size=VOCAB)
+    else:
+        config = GatedDeltaNetConfig(hidden_size=64, num_heads=2, head_dim=32, num_hidden_layers=2, vocab_size=VOCAB)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    prepare_model(model, torch.device("cpu"))
+    return model
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Small ops on a shared 2-core machine: one intra-op thread avoids oversubscription stalls."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module", params=["delta_net", "gated_deltanet"])
+def model(request):
+    return build(request.param)
+
+
+def tokens(n: int, seed: int, batch: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item()
+    assert err <= ATOL, f"{what}: max abs logit difference {err:.2e}"
+
+
+def snapshot(state: DocumentState) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in state.tensors()]
+
+
+def assert_unchanged(state: DocumentState, before: list[torch.Tensor]) -> None:
+    after = state.tensors()
+    assert len(after) == len(before)
+    for i, (a, b) in enumerate(zip(after, before)):
+        assert torch.equal(a, b), f"state tensor {i} was modified"
+
+
+# --- one pass == read in parts == token by token ---------------------------------------------------
+
+@pytest.mark.parametrize("doc_len", [63, 64, 65, 130], ids=lambda n: f"doc{n}")
+def test_split_read_equals_one_pass(model, doc_len):
+    doc, cont = tokens(doc_len, seed=doc_len), tokens(12, seed=1)
+    with torch.no_grad():
+        full = read(model, torch.cat([doc, cont], dim=1)).logits
+        state = read(model, doc).state
+        assert state.n_tokens == doc_len
+        assert_logits_close(state.next_logits, full[:, doc_len - 1], "next_logits")
+        assert_logits_close(read(model, cont, state).logits, full[:, doc_len:], "doc then continuation")
+        step, pieces = state, []
+        for t in range(cont.shape[1]):
+            out = read(model, cont[:, t:t + 1], step)
+            pieces.append(out.logits)
+            step = out.state
+        assert_logits_close(torch.cat(pieces, dim=1), full[:, doc_len:], "doc then token by token")
+        assert step.n_tokens == doc_len + cont.shape[1]
+
+
+def test_read_document_in_segments_equals_one_read(model):
+    doc = tokens(150, seed=2)
+    with torch.no_grad():
+        whole = read(model, doc).state
+    segmented = read_document(model, doc, segment_tokens=50)
+    assert segmented.n_tokens == 150
+    for a, b in zip(segmented.tensors(), whole.tensors()):
+        torch.testing.assert_close(a, b, atol=ATOL, rtol=1e-4)
+
+
+def test_next_logits_do_not_hold_all_logits(model):
+    """The state keeps [B, V] next-token logits, not a view that pins the read's [B, T, V] logits."""
+    state = read(model, tokens(40, seed=3)).state
+    assert state.next_logits.shape == (1, VOCAB)
+    assert state.next_logits.untyped_storage().nbytes() == VOCAB * 4
+
+
+# --- state operations -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def doc_state(model):
+    """(state after a 65-token document, continuation, logits of the continuation read from it)."""
+    doc, cont = tokens(65, seed=10), tokens(9, seed=11)
+    with torch.no_grad():
+        state = read(model, doc).state
+        return state, cont, read(model, cont, state).logits
+
+
+@torch.no_grad()
+def test_clone_is_exact_and_independent(model, doc_state):
+    state, cont, expected = doc_state
+    copy = state.clone()
+    assert torch.equal(read(model, cont, copy).logits, expected)
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(copy.tensors(), state.tensors()))
+
+
+@torch.no_grad()
+def test_expand_gives_identical_rows(model, doc_state):
+    state, cont, expected = doc_state
+    branches = state.expand(3)
+    assert branches.batch_size == 3 and branches.n_tokens == state.n_tokens
+    logits = read(model, cont.expand(3, -1), branches).logits
+    for row in range(3):
+        assert_logits_close(logits[row:row + 1], expected, f"row {row}")
+    with pytest.raises(ValueError, match="batch-1"):
+        branches.expand(2)
+
+
+@torch.no_grad()
+def test_stack_and_select(model, doc_state):
+    state_a, cont, expected_a = doc_state
+    state_b = read(model, tokens(70, seed=12)).state
+    expected_b = read(model, cont, state_b).logits
+    both = DocumentState.stack([state_a, state_b])
+    assert both.batch_size == 2
+    logits = read(model, cont.expand(2, -1), both).logits
+    assert_logits_close(logits[:1], expected_a, "stacked row 0")
+    assert_logits_close(logits[1:], expected_b, "stacked row 1")
+    assert both.n_tokens == -1, "states of different lengths have no common n_tokens"
+    picked = both.select(1)
+    assert picked.batch_size == 1
+    for a, b in zip(picked.tensors(), state_b.tensors()):
+        assert torch.equal(a, b)
+    assert_logits_close(read(model, cont, picked).logits, expected_b, "selected row")
+    reordered = both.select(torch.tensor([1, 0]))
+    assert_logits_close(read(model, cont.expand(2, -1), reordered).logits[1:], expected_a, "reordered")
+
+
+@torch.no_grad()
+def test_save_load_round_trip_is_bit_exact(model, doc_state, tmp_path):
+    state, cont, expected = doc_state
+    fp = fingerprint_model(model).to_dict()
+    path = tmp_path / "doc.state"
+    nbytes = state.save(path, fp, extra={"doc_id": "d1"})
+    assert nbytes == path.stat().st_size > state.nbytes
+    assert sorted(os.listdir(tmp_path)) == ["doc.state"], "no temp file left behind"
+    loaded = DocumentState.load(path, fp)
+    assert loaded.n_tokens == state.n_tokens and len(loaded.layers) == len(state.layers)
+    for a, b in zip(loaded.tensors(), state.tensors()):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    assert torch.equal(read(model, cont, loaded).logits, expected)
+    assert torch.equal(loaded.next_logits, state.next_logits)
+
+
+# --- a read never modifies its input state ----------------------------------------------------------
+
+@pytest.mark.parametrize("n_new", [1, 5, 70], ids=lambda n: f"read{n}")
+@pytest.mark.parametrize("grad", [False, True], ids=["no-grad", "grad"])
+def test_read_does_not_modify_input_state(model, doc_state, n_new, grad):
+    state = doc_state[0]
+    before = snapshot(state)
+    with torch.set_grad_enabled(grad):
+        read(model, tokens(n_new, seed=13), state)
+    assert_unchanged(state, before)
+
+
+def test_to_cache_hands_out_copies(doc_state):
+    """fla's decode step updates conv caches in place (CUDA, no grad, one token): the cache a read
+    gets must never share memory with the state it came from."""
+    state = doc_state[0]
+    ptrs = {t.data_ptr() for t in state.tensors()}
+    cache = state.to_cache()
+    for layer in cache:
+        for t in (layer["recurrent_state"], *layer["conv_state"]):
+            assert t.data_ptr() not in ptrs
+
+
+def test_generate_does_not_modify_state(model, doc_state):
+    state = doc_state[0]
+    before = snapshot(state)
+    generate(model, state, [5, 6], SamplingConfig(max_new_tokens=4), decode)
+    generate(model, state, [], SamplingConfig(max_new_tokens=4, temperature=1.0), decode)
+    assert_unchanged(state, before)
+
+
+# --- gradients through the state --------------------------------------------------------------------
+
+def test_gradients_flow_through_state(model):
+    """d(loss on the continuation)/d(params) via read(doc) -> read(cont, state) == one-pass gradient."""
+    doc, cont = tokens(70, seed=20), tokens(10, seed=21)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def cont_loss(next_logits, cont_logits):
+        # next_logits predicts cont[0]; the continuation's own logits predict cont[1:].
+        logits = torch.cat([next_logits.unsqueeze(1), cont_logits[:, :-1]], dim=1)
+        return F.cross_entropy(logits.reshape(-1, VOCAB), cont.reshape(-1))
+
+    full = read(model, torch.cat([doc, cont], dim=1)).logits
+    ref = torch.autograd.grad(cont_loss(full[:, 69], full[:, 70:]), params)
+
+    state = read(model, doc).state
+    split = torch.autograd.grad(cont_loss(state.next_logits, read(model, cont, state).logits), params)
+    for p_ref, p_split in zip(ref, split):
+        torch.testing.assert_close(p_split, p_ref, atol=1e-6, rtol=1e-4)
+
+    # The state carries real gradient: cutting it changes the result.
+    cut = state.detach()
+    detached = torch.autograd.grad(cont_loss(cut.next_logits, read(model, cont, cut).logits), params,
+                                   allow_unused=True)
+    differs = [not torch.allclose(d if d is not None else torch.zeros_like(r), r, atol=1e-6, rtol=1e-3)
+               for d, r in zip(detached, ref)]
+    assert sum(differs) > len(params) // 2
+
+
+# --- persistence errors -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_state(tmp_path_factory):
+    """A state of model A saved with A's fingerprint, and the fingerprints of A, A' (other weights)
+    and G (another architecture)."""
+    a = build("delta_net", seed=0)
+    other_weights = build("delta_net", seed=1)
+    other_arch = build("gated_deltanet", seed=0)
+    path = tmp_path_factory.mktemp("states") / "a.state"
+    with torch.no_grad():
+        read(a, tokens(20, seed=30)).state.save(path, fingerprint_model(a).to_dict())
+    fps = {name: fingerprint_model(m).to_dict() for name, m in
+           [("a", a), ("other_weights", other_weights), ("other_arch", other_arch)]}
+    return path, fps
+
+
+def test_load_with_another_models_fingerprint_names_the_fields(saved_state):
+    path, fps = saved_state
+    assert DocumentState.load(path, fps["a"]).n_tokens == 20
+    with pytest.raises(StateMismatchError, match="weights_hash") as info:
+        DocumentState.load(path, fps["other_weights"])
+    assert "config_hash" not in str(info.value) and "architecture" not in str(info.value)
+    with pytest.raises(StateMismatchError) as info:
+        DocumentState.load(path, fps["other_arch"])
+    for field in ("architecture", "config_hash", "weights_hash"):
+        assert field in str(info.value)
+    assert "gated_deltanet" in str(info.value)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99, 40, 3], ids=["half", "minus-1pc", "40-bytes", "3-bytes"])
+def test_load_truncated_file_is_a_mismatch(saved_state, tmp_path, keep):
+    path, fps = saved_state
+    data = path.read_bytes()
+    n = int(len(data) * keep) if isinstance(keep, float) else keep
+    bad = tmp_path / "bad.state"
+    bad.write_bytes(data[:n])
+    with pytest.raises(StateMismatchError, match="not a readable state file"):
+        DocumentState.load(bad, fps["a"])
+
+
+def test_load_garbage_or_foreign_file_is_a_mismatch(tmp_path):
+    garbage = tmp_path / "garbage.state"
+    garbage.write_bytes(os.urandom(4096))
+    with pytest.raises(StateMismatchError):
+        DocumentState.load(garbage, None)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(3)}, str(foreign))
+    with pytest.raises(StateMismatchError, match="format"):
+        DocumentState.load(foreign, None)
+    with pytest.raises(StateMismatchError):
+        DocumentState.load(tmp_path / "missing.state", None)
+
+
+def test_failed_save_leaves_old_file_and_no_temp(saved_state, tmp_path, monkeypatch):
+    import refine_tta.model.state as state_module
+
+    path, fps = saved_state
+    target = tmp_path / "s.state"
+    target.write_bytes(path.read_bytes())
+
+    def broken_save_file(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(state_module, "save_file", broken_save_file)
+    with pytest.raises(OSError, match="disk full"):
+        DocumentState.load(target, fps["a"]).save(target, fps["a"])
+    assert sorted(os.listdir(tmp_path)) == ["s.state"]
+    assert target.read_bytes() == path.read_bytes()
+
+
+# --- generation -----------------------------------------------------------------------------------
+
+def hf_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
+    """transformers' own generate over the whole sequence, cut at the model's eos (which ours drops)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, max_new_tokens=n, do_sample=False)
+    new = out[0, ids.shape[1]:].tolist()
+    eos = model.config.eos_token_id
+    return new[:new.index(eos)] if eos in new else new
+
+
+@pytest.fixture(scope="module")
+def gen_setup(model):
+    doc, prompt = tokens(70, seed=40), tokens(5, seed=41)
+    return read_document(model, doc), doc, prompt[0].tolist()
+
+
+def test_greedy_generate_equals_transformers_generate(model, gen_setup):
+    state, doc, prompt = gen_setup
+    cfg = SamplingConfig(max_new_tokens=12)
+    eos = model.config.eos_token_id
+    ours = generate(model, state, prompt, cfg, decode, eos_token_id=eos)
+    assert ours.tokens == hf_greedy(model, torch.cat([doc, torch.tensor([prompt])], dim=1), 12)
+    assert ours.prompt_tokens == len(prompt)
+    # An empty prompt continues straight from the document's next-token logits.
+    ours_empty = generate(model, state, [], cfg, decode, eos_token_id=eos)
+    assert ours_empty.tokens == hf_greedy(model, doc, 12)
+
+
+def test_sampling_is_seeded(model, gen_setup):
+    state, _, prompt = gen_setup
+    run = lambda seed: generate(model, state, prompt, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=seed),
+                                decode).tokens
+    first = run(7)
+    assert run(7) == first
+    assert run(8) != first
+    assert len(first) == 10
+
+
+def test_tiny_top_p_is_greedy(model, gen_setup):
+    state, _, prompt = gen_setup
+    greedy = generate(model, state, prompt, SamplingConfig(max_new_tokens=8), decode).tokens
+    nucleus = generate(model, state, prompt, SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3),
+                       decode).tokens
+    assert nucleus == greedy
+
+
+def test_stop_string_cuts_the_text(model, gen_setup):
+    state, _, prompt = gen_setup
+    free = generate(model, state, prompt, SamplingConfig(max_new_tokens=10), decode)
+    assert free.finish_reason == "length" and free.text == decode(free.tokens)
+    stop = free.text[4:6]
+    cut = free.text.find(stop)
+    pieces = []
+    stopped = generate(model, state, prompt, SamplingConfig(max_new_tokens=10, stop=(stop,)), decode,
+                       on_text=lambda piece, _: pieces.append(piece))
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == free.text[:cut] and stop not in stopped.text
+    assert stopped.tokens == free.tokens[:len(stopped.tokens)] and len(stopped.tokens) <= cut + len(stop)
+    assert "".join(pieces) == stopped.text, "streamed pieces add up to the final text"
+
+
+@pytest.mark.parametrize("n", [1, 3], ids=lambda n: f"max{n}")
+def test_max_new_tokens_is_respected(model, gen_setup, n):
+    state, _, prompt = gen_setup
+    out = generate(model, state, prompt, SamplingConfig(max_new_tokens=n, temperature=1.0), decode)
+    assert len(out.tokens) == n and out.finish_reason == "length"
+
+
+def test_eos_ends_generation(model, gen_setup):
+    state, _, prompt = gen_setup
+    free = generate(model, state, prompt, SamplingConfig(max_new_tokens=6), decode).tokens
+    out = generate(model, state, prompt, SamplingConfig(max_new_tokens=6), decode, eos_token_id=free[2])
+    assert out.finish_reason == "eos"
+    assert out.tokens == free[:free.index(free[2])]
+
+
+def test_should_stop_cancels(model, gen_setup):
+    state, _, prompt = gen_setup
+    polls = []
+
+    def should_stop():
+        polls.append(1)
+        return len(polls) >= 3
+
+    out = generate(model, state, prompt, SamplingConfig(max_new_tokens=20), decode, should_stop=should_stop)
+    assert out.finish_reason == "cancelled"
+    assert len(out.tokens) == 3
+
+
+def test_document_is_never_reread(model, gen_setup, monkeypatch):
+    state, _, prompt = gen_setup
+    calls: list[int] = []
+    inner = model.model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[1])
+        return inner(*args, **kwargs)
+
+    monkeypatch.setattr(model.model, "forward", counting_forward)
+    out = generate(model, state, prompt, SamplingConfig(max_new_tokens=8), decode)
+    assert len(out.tokens) == 8
+    assert calls[0] == len(prompt) and max(calls) == len(prompt)
+    assert sum(calls) <= len(prompt) + len(out.tokens)
+
+
+def test_sampling_config_validation():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(stop=("",))):
+        with pytest.raises(ValueError):
+            SamplingConfig(**bad)
