@@ -19,8 +19,10 @@ from __future__ import annotations
 import torch
 
 CHUNK_SIZE = 64
-# Below this many tokens the recurrent form is faster than building chunk matrices.
-RECURRENT_MAX_TOKENS = 64
+# Single-token reads (decoding) use the recurrent form. Anything longer uses the chunked form:
+# on CPU its backward is much faster than back-propagating through a Python loop over tokens,
+# which matters for REFINE's short prefix segments and k-token branches.
+RECURRENT_MAX_TOKENS = 1
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

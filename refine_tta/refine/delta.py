@@ -150,10 +150,14 @@ class TrainableScope:
         self.base: dict[str, torch.Tensor] = {}
         if self.kind == "lora":
             scale = config.lora_alpha / config.lora_rank
-            for name, linear in lora_modules(model, config.lora_targets).items():
-                adapter = LoRA(linear.weight, config.lora_rank, scale, generator)
-                parametrize.register_parametrization(linear, "weight", adapter)
-                self.lora[name] = adapter
+            try:
+                for name, linear in lora_modules(model, config.lora_targets).items():
+                    adapter = LoRA(linear.weight, config.lora_rank, scale, generator)
+                    parametrize.register_parametrization(linear, "weight", adapter)
+                    self.lora[name] = adapter
+            except BaseException:
+                self.restore()  # trainable_scope only restores a scope that was fully built
+                raise
             self.params = [p for a in self.lora.values() for p in (a.lora_A, a.lora_B)]
         else:
             named = self._scoped_parameters()

@@ -102,6 +102,17 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
+def _json_safe(value):
+    """Stats as strict JSON: non-finite floats (a skipped step's grad norm or loss) become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
 def _apply_update(params, opt, grad_clip: float, loss: torch.Tensor) -> tuple[float, bool]:
     """Clip, check finiteness, step. Returns (grad norm before clipping, skipped)."""
     norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
@@ -137,13 +148,30 @@ def _rollout_stats(rewards: dict, tokens, true, logp_old, pl: obj.PolicyLossOut,
     return out
 
 
-def refine_step(model, ids, cfg: RefineConfig, gen: torch.Generator, params, opt, path: str) -> dict:
-    """One REFINE step (see module docstring). Returns its statistics."""
+@dataclass
+class StepInputs:
+    """What both paths of one REFINE step share (spec steps 1-2, plus the rollout randomness).
+
+    starts [P] rollout starts; uniforms [N, k] (N = P * n) the pre-drawn sampling uniforms;
+    true [N, k] the true continuations; h_true [N, k, D] their hidden states from the score pass;
+    groups [N] GRPO group ids.
+    """
+
+    score: ScorePass
+    selection: obj.SelectedPositions
+    starts: torch.Tensor
+    uniforms: torch.Tensor
+    true: torch.Tensor
+    h_true: torch.Tensor
+    groups: torch.Tensor
+
+
+def step_inputs(model, ids, cfg: RefineConfig, gen: torch.Generator, clock: _Clock | None = None) -> StepInputs:
+    """Score the document, select positions and draw the rollout uniforms (consumes ``gen``)."""
     device = ids.device
-    clock = _Clock(device)
-    L = ids.shape[1]
     score, _ = score_document(model, ids)
-    clock.lap("score")
+    if clock is not None:
+        clock.lap("score")
     sel = obj.select_positions(score.entropy, cfg.n_chunks, cfg.k, cfg.selection, gen, cfg.edge_margin)
     starts = sel.starts.to(device)
     P, n, k = starts.shape[0], cfg.n, cfg.k
@@ -153,16 +181,24 @@ def refine_step(model, ids, cfg: RefineConfig, gen: torch.Generator, params, opt
     h_idx = (starts.unsqueeze(1) + torch.arange(k, device=device)).repeat_interleave(n, 0)
     h_true = score.hidden[h_idx]  # [N, k, D]
     groups = obj.group_ids_for(P, n).to(device)
-    clock.lap("select")
-    if path == "branch":
-        stats = _branch_losses(model, ids, cfg, starts, uniforms, true, h_true, groups, clock)
-    else:
-        stats = _reference_losses(model, ids, cfg, starts, uniforms, true, h_true, groups, clock)
+    if clock is not None:
+        clock.lap("select")
+    return StepInputs(score, sel, starts, uniforms, true, h_true, groups)
+
+
+def refine_step(model, ids, cfg: RefineConfig, gen: torch.Generator, params, opt, path: str) -> dict:
+    """One REFINE step (see module docstring). Returns its statistics."""
+    device = ids.device
+    clock = _Clock(device)
+    x = step_inputs(model, ids, cfg, gen, clock)
+    losses = _branch_losses if path == "branch" else _reference_losses
+    stats = losses(model, ids, cfg, x.starts, x.uniforms, x.true, x.h_true, x.groups, clock)
     loss = stats.pop("_loss")
     grad_norm, skipped = _apply_update(params, opt, cfg.grad_clip, loss)
     clock.lap("update")
+    score, sel = x.score, x.selection
     stats.update(
-        positions=starts.tolist(),
+        positions=x.starts.tolist(),
         picked_entropy_mean=float(score.entropy[sel.picked.to(device)].mean()),
         document_entropy_mean=float(score.entropy.mean()),
         ntp_loss_scored=score.ntp,
@@ -197,7 +233,7 @@ def _branch_losses(model, ids, cfg, starts, uniforms, true, h_true, groups, cloc
     N, k = tokens.shape
     L = ids.shape[1]
     stats = _rollout_stats(rewards, tokens, true, logp_old, pl, adv)
-    stats.update(ntp_loss=float(ntp), tokens_processed=2 * L + N * (k - 1) + N * k, _loss=loss.detach(),
+    stats.update(ntp_loss=float(ntp.detach()), tokens_processed=2 * L + N * (k - 1) + N * k, _loss=loss.detach(),
                  rollout_tokens=tokens.tolist())
     return stats
 
@@ -231,7 +267,7 @@ def _reference_losses(model, ids, cfg, starts, uniforms, true, h_true, groups, c
     loss = cfg.sft_coef * ntp.detach() + cfg.ppo_coef * torch.stack(losses).mean()
     stats = _rollout_stats(rewards, tokens, true, logp_old, pl, adv)
     reread = sum(rows)
-    stats.update(ntp_loss=float(ntp), _loss=loss, rollout_tokens=tokens.tolist(),
+    stats.update(ntp_loss=float(ntp.detach()), _loss=loss, rollout_tokens=tokens.tolist(),
                  tokens_processed=2 * L + reread + N * (k - 1) + 2 * (reread + N * k))
     return stats
 
@@ -244,9 +280,9 @@ def sft_step(model, ids, cfg: RefineConfig, params, opt) -> dict:
     loss = cfg.sft_coef * ntp
     loss.backward()
     clock.lap("backward")
-    grad_norm, skipped = _apply_update(params, opt, cfg.grad_clip, loss)
+    grad_norm, skipped = _apply_update(params, opt, cfg.grad_clip, loss.detach())
     clock.lap("update")
-    return {"ntp_loss": float(ntp), "loss": float(loss.detach()), "grad_norm": grad_norm, "skipped": skipped,
+    return {"ntp_loss": float(ntp.detach()), "loss": float(loss.detach()), "grad_norm": grad_norm, "skipped": skipped,
             "tokens_processed": ids.shape[1], "seconds_by_phase": {k: round(v, 4) for k, v in clock.phases.items()},
             "seconds": sum(clock.phases.values())}
 
@@ -296,6 +332,7 @@ def adapt(
                         first_ntp = s["ntp_loss"]
                     ntp_before = first_ntp if ntp_before is None else ntp_before
                     s.update(step=i + 1, of=config.steps, peak_memory_mb=round(_peak_memory_mb(device), 1))
+                    s = _json_safe(s)
                     steps.append(s)
                     if on_step is not None:
                         on_step(s)
@@ -323,4 +360,4 @@ def adapt(
     if steps and config.mode == "refine":
         total["reward_mean_first"] = steps[0]["reward_mean"]
         total["reward_mean_last"] = steps[-1]["reward_mean"]
-    return AdaptResult(delta, state, {"steps": steps, "total": total})
+    return AdaptResult(delta, state, {"steps": steps, "total": _json_safe(total)})

@@ -24,10 +24,16 @@ from refine_tta.model.state import DocumentState
 
 
 def sample_with_uniform(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Inverse-CDF sample. logits [N, V], u [N] in [0, 1) -> tokens [N] (independent of batching)."""
+    """Inverse-CDF sample. logits [N, V], u [N] in [0, 1) -> tokens [N] (independent of batching).
+
+    Picks the first token whose cumulative probability exceeds u * total, so a token of probability
+    0 (an underflowed or -inf logit) is never drawn, not even for u = 0 or u * total rounding up.
+    """
     probs = torch.softmax(logits.float() / temperature, dim=-1)
-    cdf = probs.cumsum(-1)
-    idx = torch.searchsorted(cdf, (u.float() * cdf[:, -1]).unsqueeze(-1)).squeeze(-1)
+    cdf = probs.cumsum(-1)  # [N, V]
+    total = cdf[:, -1:]  # [N, 1]
+    target = torch.minimum(u.float().unsqueeze(-1) * total, torch.nextafter(total, torch.zeros_like(total)))
+    idx = torch.searchsorted(cdf, target, right=True).squeeze(-1)
     return idx.clamp_max(logits.shape[-1] - 1)
 
 

@@ -1,0 +1,28 @@
+"""Tier 3: sessions and the engine (the one worker thread that owns the device). No HTTP here."""
+
+from refine_tta.engine.engine import (
+    AdaptJob,
+    Engine,
+    EngineLimits,
+    EngineMetrics,
+    GenerateJob,
+    Job,
+    JobHandle,
+    jsonable,
+)
+from refine_tta.engine.errors import (
+    Cancelled,
+    EngineError,
+    InvalidSettings,
+    LimitExceeded,
+    NotFound,
+    QueueFull,
+    Unavailable,
+)
+from refine_tta.engine.sessions import Session, SessionStore, is_session_id, new_session_id
+
+__all__ = [
+    "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
+    "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull", "Session", "SessionStore",
+    "Unavailable", "is_session_id", "jsonable", "new_session_id",
+]

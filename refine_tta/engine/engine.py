@@ -1,0 +1,471 @@
+"""The engine: one worker thread that owns the device and runs every piece of model work.
+
+Callers (the HTTP server, scripts, tests) never touch the model. They submit jobs and get a
+:class:`JobHandle` back at once: ``handle.future`` (a ``concurrent.futures.Future``) resolves to
+the job's result or its exception, and ``handle.cancel()`` sets a flag the worker checks before
+starting the job and, through ``should_stop``, between adaptation steps and generated tokens.
+
+Jobs wait in a bounded FIFO; a full queue raises :class:`QueueFull` immediately (nothing was
+done, the caller may retry). Input checks that need no model (token counts against
+:class:`EngineLimits`, impossible settings, unknown sessions) happen in ``submit_*`` on the
+caller's thread, so a bad request fails before it takes a queue slot.
+
+No HTTP, no JSON parsing here: documents and prompts are text, settings are
+:class:`~refine_tta.refine.config.RefineConfig` / :class:`~refine_tta.model.SamplingConfig`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, InvalidStateError
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+
+from refine_tta.engine.errors import Cancelled, EngineError, InvalidSettings, LimitExceeded, QueueFull, Unavailable
+from refine_tta.engine.sessions import Session, SessionStore
+from refine_tta.model.generation import GenerationResult, SamplingConfig, generate
+from refine_tta.model.loading import LoadedModel
+from refine_tta.model.state import DocumentState
+from refine_tta.refine.config import RefineConfig
+
+log = logging.getLogger(__name__)
+
+AdaptFn = Callable[..., Any]
+"""``adapt(model, document_ids [1, L], config, *, on_step, should_stop) -> AdaptResult``
+(:func:`refine_tta.refine.loop.adapt`)."""
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    """What one request may ask for. Token counts include the BOS the tokenizer adds."""
+
+    max_document_tokens: int = 16384
+    max_prompt_tokens: int = 2048
+    max_new_tokens: int = 512
+    max_steps: int = 64
+    queue_size: int = 16
+    max_rollout_tokens: int = 8192  # n_chunks * n * k: tokens sampled per REFINE step
+    max_lora_rank: int = 256
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineLimits.{f.name} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True)
+class EngineMetrics:
+    """A snapshot of the engine's counters (totals since start) and gauges (now)."""
+
+    queue_depth: int
+    running: int
+    adaptations_total: int
+    adaptation_steps_total: int
+    adaptation_seconds_total: float
+    generations_total: int
+    generated_tokens_total: int
+    generation_seconds_total: float
+    cancelled_total: int
+    failed_total: int
+    rejected_total: int
+    sessions: int
+    sessions_loaded: int
+    session_bytes: int
+    session_disk_bytes: int
+
+
+class JobHandle:
+    """A submitted job: its ``future`` and a cancel flag. ``cancel()`` is safe from any thread."""
+
+    def __init__(self, job: Job):
+        self.job = job
+        self.future: Future = Future()
+        self._cancel = threading.Event()
+
+    def cancel(self) -> None:
+        """Ask the worker to drop the job (if queued) or stop it at its next check (if running)."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    def should_stop(self) -> bool:
+        return self._cancel.is_set()
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Block until done (for scripts and tests; the server awaits ``future`` instead)."""
+        return self.future.result(timeout)
+
+
+class Job(Protocol):
+    """Work for the worker thread. ``run`` is called on the worker with the engine and the handle."""
+
+    kind: str
+
+    def run(self, engine: Engine, handle: JobHandle) -> Any: ...
+
+
+@dataclass
+class AdaptJob:
+    """Adapt to ``document_ids`` (with BOS) and store the result as a session -> :class:`Session`."""
+
+    document_ids: list[int]
+    config: RefineConfig
+    owner: str | None
+    on_progress: Callable[[dict[str, Any]], None] | None = None
+    kind: str = "adapt"
+
+    def run(self, engine: Engine, handle: JobHandle) -> Session:
+        return engine._run_adapt(self, handle)
+
+
+@dataclass
+class GenerateJob:
+    """Complete ``prompt_ids`` after a session's document (None: base model, nothing read)
+    -> :class:`~refine_tta.model.GenerationResult`."""
+
+    session_id: str | None
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+    owner: str | None
+    on_text: Callable[[str, int], None] | None = None
+    kind: str = "generate"
+
+    def run(self, engine: Engine, handle: JobHandle) -> GenerationResult:
+        return engine._run_generate(self, handle)
+
+
+MAX_SEED = 2**63 - 1
+MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 and sampling breaks
+
+
+def _check_seed(seed: int, name: str) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidSettings(f"{name} must be in [0, 2**63 - 1], got {seed}")
+
+
+def jsonable(value: Any) -> Any:
+    """A copy of ``value`` that ``json.dumps(allow_nan=False)`` accepts: tensors and numpy scalars
+    become numbers or lists, non-finite floats become None, tuples become lists."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return jsonable(value.detach().cpu().tolist())
+    if isinstance(value, bool) or value is None or isinstance(value, (int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if hasattr(value, "item"):  # numpy scalars
+        return jsonable(value.item())
+    return str(value)
+
+
+class _Codec:
+    """Text <-> token ids with the model's tokenizer, safe to call from several threads.
+
+    Uses the Rust ``tokenizers.Tokenizer`` behind a fast tokenizer directly (its encode/decode only
+    borrow it immutably; the transformers wrapper reconfigures truncation on every call, which
+    fails under concurrent use). ``add_special_tokens=True`` adds BOS exactly as ``tokenizer(text)``.
+    """
+
+    def __init__(self, tokenizer: Any):
+        if tokenizer is None:
+            raise ValueError("the engine needs a model loaded with its tokenizer")
+        self._backend = getattr(tokenizer, "backend_tokenizer", None)
+        self._tokenizer = tokenizer
+        self._lock = threading.Lock()  # only for slow (Python) tokenizers
+        self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as exc:  # lone surrogates, e.g. from a JSON "\ud800"
+            raise InvalidSettings(f"text is not valid Unicode: {exc.reason} at position {exc.start}") from None
+        if self._backend is not None:
+            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
+        with self._lock:
+            return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        if self._backend is not None:
+            return self._backend.decode(ids, skip_special_tokens=True)
+        with self._lock:
+            return self._tokenizer.decode(ids, skip_special_tokens=True)
+
+
+class Engine:
+    """Owns ``loaded`` (the model) and the session store; runs all model work on one thread.
+
+    adapt_fn: the adaptation loop (default :func:`refine_tta.refine.loop.adapt`).
+    retry_after: seconds suggested to callers when the queue is full.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        sessions: SessionStore,
+        limits: EngineLimits = EngineLimits(),
+        *,
+        adapt_fn: AdaptFn | None = None,
+        retry_after: float = 1.0,
+    ):
+        self.loaded = loaded
+        self.sessions = sessions
+        self.limits = limits
+        self.retry_after = retry_after
+        self._adapt_fn = adapt_fn
+        self._codec = _Codec(loaded.tokenizer)
+        self._queue: queue.Queue[JobHandle | None] = queue.Queue(maxsize=limits.queue_size)
+        self._lock = threading.Lock()
+        self._inflight: set[JobHandle] = set()
+        self._running: JobHandle | None = None
+        self._accepting = False
+        self._thread: threading.Thread | None = None
+        self._counters = {"adaptations_total": 0, "adaptation_steps_total": 0, "adaptation_seconds_total": 0.0,
+                          "generations_total": 0, "generated_tokens_total": 0, "generation_seconds_total": 0.0,
+                          "cancelled_total": 0, "failed_total": 0, "rejected_total": 0}
+
+    # ------------------------------------------------------------------------------- lifecycle
+    def start(self) -> Engine:
+        if self._thread is not None:
+            raise RuntimeError("engine already started")
+        self._accepting = True
+        self._thread = threading.Thread(target=self._work, name="refine-tta-worker", daemon=True)
+        self._thread.start()
+        log.info("engine started: model %s on %s, limits %s", self.loaded.name, self.loaded.device, self.limits)
+        return self
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Refuse new jobs, cancel queued and running ones, and join the worker."""
+        with self._lock:
+            self._accepting = False
+            for handle in self._inflight:
+                handle.cancel()
+        if self._thread is None:
+            return
+        while True:  # make room for the sentinel; the drained jobs end as Cancelled
+            try:
+                handle = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if handle is not None:
+                self._finish(handle, exc=Cancelled("the server is shutting down"))
+        self._queue.put(None)
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("engine worker did not stop within %s s", timeout)
+        self._thread = None
+        log.info("engine stopped")
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---------------------------------------------------------------------------------- intake
+    @property
+    def model_name(self) -> str:
+        return self.loaded.name
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._codec.encode(text, add_special_tokens)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._codec.decode(ids)
+
+    def submit_adapt(self, document: str, config: RefineConfig, owner: str | None,
+                     on_progress: Callable[[dict[str, Any]], None] | None = None) -> JobHandle:
+        """Check and queue an adaptation. The future resolves to the stored :class:`Session`
+        (metadata only). Raises LimitExceeded / InvalidSettings / QueueFull / Unavailable."""
+        limits = self.limits
+        if config.steps > limits.max_steps:
+            raise LimitExceeded("max_steps", config.steps, limits.max_steps, what="settings.steps")
+        if config.mode == "refine" and config.n_chunks * config.n * config.k > limits.max_rollout_tokens:
+            raise LimitExceeded("max_rollout_tokens", config.n_chunks * config.n * config.k, limits.max_rollout_tokens,
+                                what="settings n_chunks * n * k")
+        if config.scope == "lora" and config.lora_rank > limits.max_lora_rank:
+            raise LimitExceeded("max_lora_rank", config.lora_rank, limits.max_lora_rank, what="settings.lora_rank")
+        _check_seed(config.seed, "settings.seed")
+        if config.mode == "refine" and config.temperature < MIN_TEMPERATURE:
+            raise InvalidSettings(f"settings.temperature must be at least {MIN_TEMPERATURE}, got {config.temperature}")
+        if not document:
+            raise InvalidSettings("document is empty")
+        ids = self.encode(document, add_special_tokens=True)
+        if len(ids) > self.limits.max_document_tokens:
+            raise LimitExceeded("max_document_tokens", len(ids), self.limits.max_document_tokens,
+                                what="document tokens")
+        try:
+            config.validate_document(len(ids))
+        except ValueError as exc:
+            raise InvalidSettings(str(exc)) from None
+        return self.submit(AdaptJob(ids, config, owner, on_progress))
+
+    def submit_generate(self, session_id: str | None, prompt: str, sampling: SamplingConfig, owner: str | None,
+                        on_text: Callable[[str, int], None] | None = None) -> JobHandle:
+        """Check and queue a generation. ``session_id`` None = the base model with nothing read
+        (the prompt is read from scratch, with BOS); otherwise the prompt continues the session's
+        document. The future resolves to a :class:`GenerationResult`."""
+        _check_seed(sampling.seed, "seed")
+        if 0 < sampling.temperature < MIN_TEMPERATURE:
+            raise InvalidSettings(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
+                                  f"got {sampling.temperature}")
+        if sampling.max_new_tokens > self.limits.max_new_tokens:
+            raise LimitExceeded("max_new_tokens", sampling.max_new_tokens, self.limits.max_new_tokens,
+                                what="max_tokens")
+        if session_id is not None:
+            self.sessions.info(session_id, owner)  # NotFound now rather than after the queue
+        ids = self.encode(prompt, add_special_tokens=session_id is None)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise LimitExceeded("max_prompt_tokens", len(ids), self.limits.max_prompt_tokens, what="prompt tokens")
+        return self.submit(GenerateJob(session_id, ids, sampling, owner, on_text))
+
+    def submit(self, job: Job) -> JobHandle:
+        """Queue any job; raises QueueFull when the queue is full, Unavailable when stopped."""
+        handle = JobHandle(job)
+        with self._lock:
+            if not self._accepting:
+                raise Unavailable("the engine is not running")
+            try:
+                self._queue.put_nowait(handle)
+            except queue.Full:
+                self._counters["rejected_total"] += 1
+                raise QueueFull(self.limits.queue_size, self.retry_after) from None
+            self._inflight.add(handle)
+        return handle
+
+    # ---------------------------------------------------------------------------------- metrics
+    def metrics(self) -> EngineMetrics:
+        with self._lock:
+            counters = dict(self._counters)
+            running = int(self._running is not None)
+        return EngineMetrics(queue_depth=self._queue.qsize(), running=running, sessions=len(self.sessions),
+                             sessions_loaded=self.sessions.loaded_count, session_bytes=self.sessions.memory_bytes,
+                             session_disk_bytes=self.sessions.disk_bytes, **counters)
+
+    def _count(self, **increments: float) -> None:
+        with self._lock:
+            for name, value in increments.items():
+                self._counters[name] += value
+
+    # ----------------------------------------------------------------------------------- worker
+    def _work(self) -> None:
+        while True:
+            handle = self._queue.get()
+            if handle is None:
+                return
+            if not handle.future.set_running_or_notify_cancel():  # cancelled through the future
+                self._finish(handle)
+                continue
+            if handle.cancelled:
+                self._finish(handle, exc=Cancelled("cancelled before it started"))
+                continue
+            with self._lock:
+                self._running = handle
+            try:
+                result = handle.job.run(self, handle)
+            except Exception as exc:  # delivered to the caller through the future
+                if not isinstance(exc, EngineError):
+                    log.exception("%s job failed", handle.job.kind)
+                self._finish(handle, exc=exc)
+            else:
+                self._finish(handle, result=result)
+
+    def _finish(self, handle: JobHandle, result: Any = None, exc: BaseException | None = None) -> None:
+        with self._lock:
+            self._inflight.discard(handle)
+            if self._running is handle:
+                self._running = None
+            if isinstance(exc, Cancelled) or handle.future.cancelled():
+                self._counters["cancelled_total"] += 1
+                log.info("%s job cancelled: %s", handle.job.kind, exc or "cancelled through its future")
+            elif exc is not None:
+                self._counters["failed_total"] += 1
+        try:
+            if exc is not None:
+                handle.future.set_exception(exc)
+            elif not handle.future.cancelled():
+                handle.future.set_result(result)
+        except InvalidStateError:  # already cancelled through the future: nobody is waiting
+            pass
+
+    @staticmethod
+    def _guarded(callback: Callable[..., None] | None, what: str) -> Callable[..., None] | None:
+        """A callback whose exceptions are logged, never allowed to break the model work."""
+        if callback is None:
+            return None
+
+        def call(*args: Any) -> None:
+            try:
+                callback(*args)
+            except Exception:
+                log.exception("%s callback failed", what)
+
+        return call
+
+    def _adapt(self) -> AdaptFn:
+        if self._adapt_fn is None:
+            from refine_tta.refine.loop import adapt
+
+            self._adapt_fn = adapt
+        return self._adapt_fn
+
+    def _run_adapt(self, job: AdaptJob, handle: JobHandle) -> Session:
+        from refine_tta.refine.loop import AdaptCancelled
+
+        adapt = self._adapt()
+        on_progress = self._guarded(job.on_progress, "progress")
+        t0 = time.perf_counter()
+
+        def on_step(step: dict[str, Any]) -> None:
+            self._count(adaptation_steps_total=1)
+            if on_progress is not None:
+                on_progress(jsonable(step))
+
+        ids = torch.tensor([job.document_ids], dtype=torch.long, device=self.loaded.device)
+        try:
+            result = adapt(self.loaded.model, ids, job.config, on_step=on_step, should_stop=handle.should_stop)
+        except AdaptCancelled as exc:
+            raise Cancelled("adaptation cancelled") from exc
+        except ValueError as exc:  # model-dependent settings, e.g. layers out of range, unknown lora targets
+            raise InvalidSettings(str(exc)) from exc
+        finally:
+            self._count(adaptation_seconds_total=time.perf_counter() - t0)
+        if handle.cancelled:  # cancelled after the last step: do not store what nobody will see
+            raise Cancelled("adaptation cancelled")
+        session = Session.create(job.owner, job.config.to_dict(), jsonable(result.stats), len(job.document_ids),
+                                 result.state.detach(), result.delta)
+        stored = self.sessions.put(session)
+        self._count(adaptations_total=1)
+        log.info("adapted %d tokens -> %s (%d state + %d delta bytes) in %.2f s", len(job.document_ids), stored.id,
+                 stored.state_bytes, stored.delta_bytes, time.perf_counter() - t0)
+        return stored
+
+    def _run_generate(self, job: GenerateJob, handle: JobHandle) -> GenerationResult:
+        if job.session_id is None:
+            state, delta = DocumentState.empty(), None
+        else:
+            session = self.sessions.get(job.session_id, job.owner)
+            state, delta = session.state, session.delta
+        applied = delta.applied(self.loaded.model) if delta is not None and delta.tensors else contextlib.nullcontext()
+        with applied:
+            result = generate(self.loaded.model, state, job.prompt_ids, job.sampling, self._codec.decode,
+                              self._codec.eos_token_id, self._guarded(job.on_text, "on_text"), handle.should_stop)
+        self._count(generations_total=1, generated_tokens_total=len(result.tokens),
+                    generation_seconds_total=result.total_s)
+        if result.finish_reason == "cancelled":
+            raise Cancelled("generation cancelled")
+        return result

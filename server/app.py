@@ -1,0 +1,28 @@
+"""The app factory: ``create_app(settings) -> FastAPI``. Nothing is built at import."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI
+
+from server.errors import install_error_handlers
+from server.middleware import AuthMiddleware, BodyLimitMiddleware, RequestContextMiddleware
+from server.routes import router
+from server.runtime import Loader, Runtime
+from server.settings import ServerSettings
+
+
+def create_app(settings: ServerSettings | None = None, *, loader: Loader | None = None) -> FastAPI:
+    """A refine-tta server. ``loader(settings) -> LoadedModel`` replaces the default model loading
+    (``load_model(settings.model, ...)``); the model is loaded when the app starts (lifespan)."""
+    settings = settings if settings is not None else ServerSettings()
+    runtime = Runtime(settings, loader)
+    app = FastAPI(title="refine-tta", summary="Test-time adaptation server for fast-weight language models",
+                  version="0.1.0", lifespan=runtime.lifespan)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    app.include_router(router)
+    # add_middleware wraps: the last added runs first.
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(AuthMiddleware, api_keys=settings.api_keys)
+    app.add_middleware(RequestContextMiddleware, metrics=runtime.metrics, routes=lambda: app.router.routes)
+    return app

@@ -1,0 +1,108 @@
+"""What one app instance owns: its settings, its metrics, and (once loaded) the engine.
+
+The model is loaded once per app, in a thread started by the lifespan, so the server answers
+``/health`` with 503 while it loads. A failed load is logged and reported by every request (503
+with the reason) instead of killing the process silently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from server.metrics import ServerMetrics
+from server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from refine_tta.engine import Engine
+    from refine_tta.model.loading import LoadedModel
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[ServerSettings], "LoadedModel"]
+
+
+def resolve_device(requested: str) -> tuple[str, str]:
+    """The device to load on, and why (``auto``: CUDA when available)."""
+    import torch
+
+    if requested != "auto":
+        return requested, "requested"
+    if torch.cuda.is_available():
+        return "cuda", "auto: CUDA is available"
+    return "cpu", "auto: no CUDA device"
+
+
+def load_for_settings(settings: ServerSettings) -> LoadedModel:
+    """Load ``settings.model`` on the configured device (logged with the reason)."""
+    from refine_tta.model.loading import load_model
+
+    device, reason = resolve_device(settings.device)
+    log.info("loading %s on %s (%s)", settings.model, device, reason)
+    loaded = load_model(settings.model, device=device, dtype=settings.dtype, backend=settings.backend)
+    if settings.model_name:
+        loaded.name = settings.model_name
+    return loaded
+
+
+class Runtime:
+    """Settings, metrics and engine of one app; ``lifespan`` starts and stops the engine."""
+
+    retry_after_loading = 5.0
+
+    def __init__(self, settings: ServerSettings, loader: Loader | None = None):
+        self.settings = settings
+        self.loader = loader or load_for_settings
+        self.engine: Engine | None = None
+        self.error: str | None = None
+        self.started_at = time.time()
+        self._closing = False
+        self.metrics = ServerMetrics(lambda: None if self.engine is None else self.engine.metrics())
+
+    def status_message(self) -> str:
+        if self.error is not None:
+            return f"the model failed to load: {self.error}"
+        if self._closing:
+            return "the server is shutting down"
+        return "the model is loading; retry shortly"
+
+    def start_engine(self) -> None:
+        """Load the model, open the session store, start the worker (runs in a thread)."""
+        from refine_tta.engine import Engine, EngineLimits, SessionStore
+
+        s = self.settings
+        try:
+            loaded = self.loader(s)
+            store = SessionStore(s.state_dir, loaded.fingerprint.to_dict(), memory_budget_bytes=s.session_memory_bytes,
+                                 disk_budget_bytes=s.session_disk_bytes, device=loaded.device)
+            limits = EngineLimits(max_document_tokens=s.max_document_tokens, max_prompt_tokens=s.max_prompt_tokens,
+                                  max_new_tokens=s.max_new_tokens, max_steps=s.max_steps, queue_size=s.queue_size,
+                                  max_rollout_tokens=s.max_rollout_tokens, max_lora_rank=s.max_lora_rank)
+            engine = Engine(loaded, store, limits, retry_after=s.retry_after_s).start()
+        except Exception as exc:
+            log.exception("could not start the engine")
+            self.error = f"{type(exc).__name__}: {exc}"
+            return
+        if self._closing:
+            engine.stop()
+            return
+        self.engine = engine
+        log.info("ready: %s on %s (%d sessions on disk)", loaded.name, loaded.device, len(store))
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(asyncio.to_thread(self.start_engine))
+        try:
+            yield
+        finally:
+            self._closing = True
+            await loading  # a thread cannot be interrupted; loading ends on its own
+            engine, self.engine = self.engine, None
+            if engine is not None:
+                await asyncio.to_thread(engine.stop)
