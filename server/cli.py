@@ -1,8 +1,9 @@
-"""``refine-tta serve``: run the HTTP server with uvicorn.
+"""The ``refine-tta`` command: ``serve`` (the HTTP server, with uvicorn) on top of the library's
+commands (``ask``, ``demo``: see :mod:`refine_tta.cli`).
 
-Options override the ``REFINE_TTA_*`` environment, which overrides the defaults of
-:class:`server.settings.ServerSettings`. Heavy imports (torch, fla, uvicorn) happen only when
-serving, so ``--help`` is instant.
+``serve`` options override the ``REFINE_TTA_*`` environment, which overrides the defaults of
+:class:`server.settings.ServerSettings`. Heavy imports (torch, fla, uvicorn) happen only inside
+the commands, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -40,16 +41,20 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="refine-tta", description="refine-tta: test-time adaptation server.")
+    from refine_tta.cli import add_subcommands
+
+    parser = argparse.ArgumentParser(prog="refine-tta", description="refine-tta: test-time adaptation of "
+                                     "fast-weight language models (server and command line).")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser("serve", help="run the HTTP server",
-                                description="Run the refine-tta HTTP server (docs/http-api.md).")
+                                description="Run the refine-tta HTTP server (docs/http-api.md, docs/server.md).")
     _add_serve_options(serve)
+    add_subcommands(commands)
     return parser
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    skip = {"command"}
+    skip = {"command", "func"}
     return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
 
 
@@ -91,7 +96,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "serve":
         return serve(args)
-    raise AssertionError(f"unhandled command {args.command!r}")  # argparse rejects unknown commands
+    from refine_tta.cli import main as library_main  # ask, demo: the library's own error handling
+
+    return library_main(argv)
 
 
 if __name__ == "__main__":

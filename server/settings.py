@@ -14,10 +14,8 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from refine_tta.defaults import EMBEDDED_MODEL_DIR
 from refine_tta.refine.config import RefineConfig
-
-# The small model the project trains and ships, beside this package in a source checkout.
-EMBEDDED_MODEL = Path(__file__).resolve().parent.parent / "models" / "refine-tiny-deltanet"
 
 
 def default_state_dir() -> Path:
@@ -31,7 +29,7 @@ class ServerSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="REFINE_TTA_", extra="ignore", validate_default=True)
 
-    model: str = Field(str(EMBEDDED_MODEL), description="model directory (HF format) or hub id")
+    model: str = Field(str(EMBEDDED_MODEL_DIR), description="model directory (HF format) or hub id")
     model_name: str | None = Field(None, description="name reported by /health and /v1/models (default: "
                                                      "the model directory's name)")
     host: str = "127.0.0.1"

@@ -107,6 +107,8 @@ class RefineConfig:
         if _check_float("grad_clip", self.grad_clip) <= 0:
             raise ValueError(f"grad_clip must be > 0, got {self.grad_clip}")
         _check_int("seed", self.seed, 0)
+        if self.seed >= 2**63:
+            raise ValueError(f"seed must be < 2**63, got {self.seed}")
 
     def _validate_objective(self) -> None:
         _check_int("n_chunks", self.n_chunks, 1)

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
+from refine_tta.model.state import StateMismatchError
 from refine_tta.refine.config import RefineConfig
 
 DELTA_FORMAT = "refine-tta-delta/1"
@@ -130,11 +131,11 @@ class ParameterDelta:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
             if meta.get("format") != DELTA_FORMAT:
-                raise ValueError(f"{path} is not a {DELTA_FORMAT} file")
+                raise StateMismatchError(f"{path} is not a {DELTA_FORMAT} file")
             saved_fp = json.loads(meta["fingerprint"])
             if fingerprint is not None and saved_fp != fingerprint:
                 diff = [k for k in fingerprint if saved_fp.get(k) != fingerprint[k]]
-                raise ValueError(f"{path} was made for another model (differs in {', '.join(diff)})")
+                raise StateMismatchError(f"{path} was made for another model (differs in {', '.join(diff)})")
             tensors = {k: f.get_tensor(k) for k in f.keys() if k != "__empty__"}
         return cls(meta["kind"], tensors, float(meta["scale"]))
 

@@ -56,6 +56,9 @@ def parse_args(argv=None):
     p.add_argument("--max-minutes", type=float, default=None,
                    help="stop early (and say so in the log) after this many minutes")
     p.add_argument("--run-dir", type=Path, default=Path("runs/train"), help="fp32 checkpoints and logs")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="continue from a checkpoint.pt (model, optimizer, step, log); the schedule follows the "
+                        "new --steps and the data stream is reseeded with seed + step")
     return p.parse_args(argv)
 
 
@@ -190,8 +193,21 @@ def main(argv=None) -> None:
     history = {"args": {k: str(v) for k, v in vars(args).items()}, "n_params": n_params, "steps": [], "evals": []}
     t0 = time.time()
     tokens_seen = 0
+    first_step = 0
+    if args.resume is not None:
+        ckpt = torch.load(args.resume, weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["opt"])
+        first_step = ckpt["step"]
+        previous = ckpt.get("history") or json.loads((args.out / "training_log.json").read_text())
+        history["steps"], history["evals"] = previous["steps"][:first_step], previous["evals"]
+        history["resumed"] = {"from_step": first_step, "previous_args": previous["args"]}
+        tokens_seen = history["steps"][-1]["tokens"]
+        t0 -= history["steps"][-1]["seconds"]
+        batcher.rng = random.Random(args.seed + first_step)
+        log.info("resumed from %s at step %d", args.resume, first_step)
     stopped_early = False
-    for step in range(args.steps):
+    for step in range(first_step, args.steps):
         if args.max_minutes is not None and time.time() - t0 > args.max_minutes * 60:
             stopped_early = True
             log.info("stopping early at step %d: --max-minutes %.0f reached", step, args.max_minutes)
@@ -226,7 +242,7 @@ def main(argv=None) -> None:
             log.info("eval %s", ev)
         if (step + 1) % args.save_every == 0:
             save_model(model, tok, args.out)
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1},
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step + 1, "history": history},
                        args.run_dir / "checkpoint.pt")
             (args.out / "training_log.json").write_text(json.dumps(history, indent=1))
     history["wall_seconds"] = time.time() - t0
