@@ -60,7 +60,7 @@ def _adapt_and_answer(loaded, document: str, question: str, args, label: str):
     tok = loaded.tokenizer
     cfg = _config(args)
     ids = torch.tensor([tok.encode(document)], device=loaded.device)
-    bar = tqdm(total=cfg.steps if cfg.mode != "none" else 0, desc=f"adapt [{label}]", unit="step", file=sys.stderr)
+    bar = tqdm(total=cfg.steps, desc=f"adapt [{label}]", unit="step", file=sys.stderr, disable=cfg.mode == "none")
 
     def on_step(s):
         bar.set_postfix(reward=f"{s.get('reward_mean', float('nan')):.2f}", ntp=f"{s['ntp_loss']:.3f}")
@@ -117,7 +117,8 @@ def cmd_demo(args) -> int:
                                n_needles=2, target_tokens=args.tokens,
                                count_tokens=lambda s: len(tok.encode(s, add_special_tokens=False)))
     asked = doc.needles[doc.query_index]
-    print(f"document: {args.tokens} tokens of held-out prose with the fact {asked.statement!r} at depth {doc.depth:.2f}")
+    print(f"document: {len(tok.encode(doc.context))} tokens of held-out prose with the fact {asked.statement!r} "
+          f"at depth {doc.depth:.2f}")
     print(f"question: {doc.question!r}   expected: {doc.answer!r}")
     mode = args.mode
     for label in ("none", mode) if mode != "none" else ("none",):
