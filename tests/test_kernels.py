@@ -32,14 +32,6 @@ H = 2
 TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a shared 2-core machine: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 # (B, T, K, V): every T around the chunk size, both head dims, a V that is not a power of two.
 SHAPES = [
     (1, 1, 32, 32),

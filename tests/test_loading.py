@@ -18,14 +18,6 @@ REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def offline(monkeypatch):
     """Offline, as on a host without network. huggingface_hub reads HF_HUB_OFFLINE once, at import,

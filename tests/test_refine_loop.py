@@ -49,15 +49,6 @@ VALUE_TOL = 1e-5
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "models" / "refine-tiny-deltanet"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """A shared 2-core machine: one intra-op thread (also makes CPU results reproducible)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(kind: str = "delta_net", seed: int = 0):
     """A tiny randomly initialised fla model (2 blocks, hidden 64, 2 heads, vocab 128), fp32, eval."""
     register_fla_models()

@@ -47,15 +47,6 @@ def build(model_type: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small ops on a shared 2-core machine: one intra-op thread avoids oversubscription stalls."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module", params=["delta_net", "gated_deltanet"])
 def model(request):
     return build(request.param)
