@@ -20,6 +20,7 @@ from refine_tta.defaults import default_model_path
 def add_refine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded model)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="embedded", help="named defaults (refine_tta.refine.config.PRESETS)")
     p.add_argument("--mode", default="refine", choices=["refine", "sft", "none"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
@@ -42,11 +43,11 @@ def add_subcommands(sub) -> None:
 
 
 def _config(args):
-    from refine_tta.refine.config import RefineConfig
+    from refine_tta.refine.config import RefineConfig, preset
 
     overrides = {k: v for k, v in {"mode": args.mode, "steps": args.steps, "lr": args.lr,
                                    "scope": args.scope, "seed": args.seed}.items() if v is not None}
-    return RefineConfig.from_dict(overrides)
+    return RefineConfig.from_dict({**preset(args.preset), **overrides})
 
 
 def _adapt_and_answer(loaded, document: str, question: str, args, label: str):

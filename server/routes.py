@@ -65,7 +65,7 @@ def get_owner(request: Request) -> str | None:
 
 def refine_config(runtime: Runtime, given: dict[str, Any]) -> RefineConfig:
     try:
-        return RefineConfig.from_dict({**runtime.settings.refine_defaults, **given})
+        return RefineConfig.from_dict({**runtime.settings.adapt_defaults, **given})
     except ValueError as exc:
         raise InvalidSettings(f"invalid settings: {exc}") from None
 

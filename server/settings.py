@@ -15,7 +15,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from refine_tta.defaults import EMBEDDED_MODEL_DIR
-from refine_tta.refine.config import RefineConfig
+from refine_tta.refine.config import RefineConfig, preset
 
 
 def default_state_dir() -> Path:
@@ -54,8 +54,10 @@ class ServerSettings(BaseSettings):
     session_memory_bytes: int | None = Field(2 * 2**30, ge=0, description="tensors kept in memory; None = no limit")
     session_disk_bytes: int | None = Field(50 * 2**30, ge=0, description="session files on disk; None = no limit")
 
+    refine_preset: str = Field("embedded", description="named RefineConfig overrides (refine_tta.refine.config.PRESETS)")
     refine_defaults: dict[str, Any] = Field(default_factory=dict,
-                                            description="RefineConfig fields applied before a request's settings")
+                                            description="RefineConfig fields applied after the preset, before a "
+                                                        "request's settings")
     log_level: str = "info"
 
     @field_validator("api_keys", mode="before")
@@ -73,9 +75,20 @@ class ServerSettings(BaseSettings):
         RefineConfig.from_dict(value)  # unknown keys or impossible values fail at start-up
         return value
 
+    @field_validator("refine_preset")
+    @classmethod
+    def _check_preset(cls, value: str) -> str:
+        preset(value)
+        return value
+
+    @property
+    def adapt_defaults(self) -> dict[str, Any]:
+        """What a request's settings are laid over: the preset, then ``refine_defaults``."""
+        return {**preset(self.refine_preset), **self.refine_defaults}
+
     @model_validator(mode="after")
     def _check_default_steps(self) -> ServerSettings:
-        steps = RefineConfig.from_dict(self.refine_defaults).steps
+        steps = RefineConfig.from_dict(self.adapt_defaults).steps
         if steps > self.max_steps:
             raise ValueError(f"refine_defaults steps={steps} is over max_steps={self.max_steps}")
         return self

@@ -469,7 +469,7 @@ def server(tiny, tmp_path_factory):
 def test_real_server_matches_the_engine(server, tiny, doc):
     from refine_tta.engine import Engine, SessionStore
     from refine_tta.model import SamplingConfig, load_model
-    from refine_tta.refine.config import RefineConfig
+    from refine_tta.refine.config import RefineConfig, preset
 
     settings = {"steps": 2, "seed": 7, "reward": "hybrid"}
     sampling = {"max_tokens": 16, "temperature": 0.9, "top_p": 0.95, "seed": 13}
@@ -478,7 +478,7 @@ def test_real_server_matches_the_engine(server, tiny, doc):
         over_http = http.post("/v1/generate", json={"session_id": sid, "prompt": " The keeper", **sampling}).json()
     loaded = load_model(tiny, device="cpu")
     with Engine(loaded, SessionStore(tiny.parent / "direct-state", loaded.fingerprint.to_dict())) as engine:
-        session = engine.submit_adapt(doc, RefineConfig.from_dict({**DEFAULTS, **settings}), None).result(120)
+        session = engine.submit_adapt(doc, RefineConfig.from_dict({**preset("embedded"), **DEFAULTS, **settings}), None).result(120)
         direct = engine.submit_generate(session.id, " The keeper", SamplingConfig(
             max_new_tokens=16, temperature=0.9, top_p=0.95, seed=13), None).result(60)
     assert over_http["tokens"] == direct.tokens and over_http["text"] == direct.text
