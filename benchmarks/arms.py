@@ -105,6 +105,14 @@ def evaluate(loaded, context_ids: list[int], prompt_ids: list[int], answer_ids: 
 
 # --- summaries --------------------------------------------------------------------------------
 
+def value_in_first_line(completion: str, answer: str) -> bool:
+    """Looser score: the value appears in the completion's first line (case-insensitive), the way
+    the paper scores RULER. An adapted small model often recites the whole statement
+    ("Felix's favourite song is jolly anchor.") instead of the bare value."""
+    first = completion.strip().split("\n", 1)[0]
+    return answer.casefold() in first.casefold()
+
+
 def summarize(records: list[dict], arms: list[str], groups: list[int]) -> dict:
     """Per group (a record's ``group``, e.g. its length) and 'all': per arm n, accuracy with its
     Wilson interval, mean answer NLL, NTP loss and seconds; and the paired differences
@@ -121,7 +129,13 @@ def summarize(records: list[dict], arms: list[str], groups: list[int]) -> dict:
             rs = [d["arms"][arm] for d in docs]
             k = sum(r["correct"] for r in rs)
             lo, hi = bc.wilson_interval(k, len(rs))
+            loose = {}
+            if all(isinstance(d.get("answer"), str) for d in docs):
+                kc = sum(value_in_first_line(d["arms"][arm]["completion"], d["answer"]) for d in docs)
+                clo, chi = bc.wilson_interval(kc, len(rs))
+                loose = {"contained": kc, "contained_accuracy": kc / len(rs), "contained_lo": clo, "contained_hi": chi}
             entry["arms"][arm] = {
+                **loose,
                 "correct": k, "accuracy": k / len(rs), "lo": lo, "hi": hi,
                 "answer_nll": fmean(r["answer_nll"] for r in rs),
                 "ntp_before": fmean(r["ntp_before"] for r in rs), "ntp_after": fmean(r["ntp_after"] for r in rs),
@@ -162,7 +176,15 @@ def accuracy_tables(summary: dict, arms: list[str], planned: dict[int, int], tit
             s = e["arms"][a]
             cost_rows.append([label, a, f"{s['seconds_adapt']:.1f}", f"{s['ntp_before']:.3f} -> {s['ntp_after']:.3f}",
                               f"{s['answer_nll']:.3f}"])
-    return [bc.table(title, acc_cols, acc_rows),
+    tables = [bc.table(title, acc_cols, acc_rows)]
+    if all("contained" in c for e in summary.values() for c in e["arms"].values()):
+        rows = [[group_label(key), f"{e['n']}"] + [
+            f"{bc.fmt_pct(e['arms'][a]['contained_accuracy'])} "
+            f"{bc.fmt_ci(e['arms'][a]['contained_lo'], e['arms'][a]['contained_hi'])}" for a in arms]
+            for key, e in summary.items()]
+        tables.append(bc.table("Value contained in the first line of the answer (RULER-style scoring)",
+                               [group_name, "n"] + [f"{a} % [95% CI]" for a in arms], rows))
+    return tables + [
             bc.table("Cost and fit per arm (means over tasks)",
                      [group_name, "arm", "adapt s", "context NTP loss before -> after", "gold answer NLL (nats/token)"],
                      cost_rows)]

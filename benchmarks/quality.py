@@ -33,6 +33,7 @@ mode: best exact match, then lowest gold-answer NLL, then fewest steps.
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 import time
@@ -122,6 +123,17 @@ def doc_record(doc: NeedleTask) -> dict:
 
 
 # --- the two modes ----------------------------------------------------------------------------
+
+def resummarize(path: Path) -> dict:
+    """Recompute the summary and tables of a saved quality run from its per-document records."""
+    result = json.loads(path.read_text())
+    planned = {int(k): v for k, v in result["docs_planned"].items()}
+    summary = arms.summarize(result["documents"], result["arms"], result["lengths"])
+    result["summary"] = summary
+    result["tables"] = arms.accuracy_tables(summary, result["arms"], planned,
+                                            "Needle retrieval: exact match of the value", "length (tokens)")
+    return result
+
 
 def run_quality(args, loaded, texts) -> dict:
     lengths = bc.int_list(args.lengths or DEFAULT_LENGTHS)
@@ -303,6 +315,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sweep-lrs", default="3e-5,1e-4,3e-4,1e-3")
     p.add_argument("--sweep-steps", default="2,4,8")
     p.add_argument("--sweep-rewards", default="binary", help="rewards tried for refine, e.g. binary,hybrid")
+    p.add_argument("--resummarize", action="store_true",
+                   help="recompute the summary and tables of the saved --out file from its records (no model run)")
     args = p.parse_args(argv)
     args.command = bc.command_line("python -m benchmarks.quality", argv)
     args.set = arms.parse_set(args.set)
@@ -315,6 +329,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.resummarize:
+        result = resummarize(args.out)
+        bc.print_result(result)
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+        return 0
     bc.quiet_logs()
     t0 = time.perf_counter()
     loaded = bc.load(args.model, args.device)

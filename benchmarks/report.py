@@ -27,6 +27,10 @@ from benchmarks import common as bc  # noqa: E402
 SECTIONS = {
     "quality": "python -m benchmarks.quality",
     "sweep": "python -m benchmarks.quality --sweep",
+    "sweep_reward": "python -m benchmarks.quality --sweep --sweep-modes refine --sweep-rewards hybrid,cosine "
+                    "--out benchmarks/results/sweep_reward.json",
+    "sweep_lora": "python -m benchmarks.quality --sweep --scope lora --out benchmarks/results/sweep_lora.json",
+    "adapt_step": "python -m benchmarks.adapt_step",
     "ruler": "python -m benchmarks.ruler",
     "latency": "python -m benchmarks.latency",
     "load": "python -m benchmarks.load",
