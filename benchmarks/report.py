@@ -42,7 +42,8 @@ MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /r
 def model_line(result: dict) -> str | None:
     m = result.get("model")
     if m:
-        return (f"{m['name']} ({m['parameters'] / 1e6:.1f}M parameters, {m['model_type']}, {m['layers']} layers, "
+        name = m.get("name") or Path(m.get("path", "?")).name + (f" ({m['weights']} weights)" if m.get("weights") else "")
+        return (f"{name} ({m['parameters'] / 1e6:.1f}M parameters, {m['model_type']}, {m['layers']} layers, "
                 f"{m['dtype']}, {m['backend']} kernels; weights {m['fingerprint']['weights_hash']})")
     if "server" in result:
         h = result["server"].get("health", {})
