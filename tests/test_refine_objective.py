@@ -640,3 +640,17 @@ def test_config_round_trip_through_json():
     assert isinstance(back.layers, tuple) and isinstance(back.lora_targets, tuple)
     assert RefineConfig.from_dict({}) == RefineConfig()
     assert RefineConfig.from_dict(RefineConfig().to_dict()) == RefineConfig()
+
+
+def test_presets_are_valid_configs_and_unknown_names_are_refused():
+    from refine_tta.refine.config import PRESETS, RefineConfig, preset
+
+    for name in PRESETS:
+        RefineConfig.from_dict(preset(name))
+    assert RefineConfig.from_dict(preset("embedded")).reward == "hybrid"
+    assert RefineConfig.from_dict(preset("paper")).lr == 1e-6
+    with pytest.raises(ValueError, match="embedded"):
+        preset("fast")
+    p = preset("embedded")
+    p["lr"] = 1.0  # a copy: the table itself is not changed
+    assert preset("embedded")["lr"] == 3e-3

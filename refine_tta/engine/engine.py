@@ -32,7 +32,7 @@ import torch
 
 from refine_tta.engine.errors import Cancelled, EngineError, InvalidSettings, LimitExceeded, QueueFull, Unavailable
 from refine_tta.engine.sessions import Session, SessionStore
-from refine_tta.model.generation import GenerationResult, SamplingConfig, generate
+from refine_tta.model.generation import MIN_TEMPERATURE, GenerationResult, SamplingConfig, generate
 from refine_tta.model.loading import LoadedModel
 from refine_tta.model.state import DocumentState
 from refine_tta.refine.config import RefineConfig
@@ -144,15 +144,6 @@ class GenerateJob:
 
     def run(self, engine: Engine, handle: JobHandle) -> GenerationResult:
         return engine._run_generate(self, handle)
-
-
-MAX_SEED = 2**63 - 1
-MIN_TEMPERATURE = 1e-6  # below this, logits / T overflows float32 and sampling breaks
-
-
-def _check_seed(seed: int, name: str) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise InvalidSettings(f"{name} must be in [0, 2**63 - 1], got {seed}")
 
 
 def jsonable(value: Any) -> Any:
@@ -299,7 +290,7 @@ class Engine:
                                 what="settings n_chunks * n * k")
         if config.scope == "lora" and config.lora_rank > limits.max_lora_rank:
             raise LimitExceeded("max_lora_rank", config.lora_rank, limits.max_lora_rank, what="settings.lora_rank")
-        _check_seed(config.seed, "settings.seed")
+        # (seeds are range-checked by RefineConfig and SamplingConfig themselves)
         if config.mode == "refine" and config.temperature < MIN_TEMPERATURE:
             raise InvalidSettings(f"settings.temperature must be at least {MIN_TEMPERATURE}, got {config.temperature}")
         if not document:
@@ -319,10 +310,6 @@ class Engine:
         """Check and queue a generation. ``session_id`` None = the base model with nothing read
         (the prompt is read from scratch, with BOS); otherwise the prompt continues the session's
         document. The future resolves to a :class:`GenerationResult`."""
-        _check_seed(sampling.seed, "seed")
-        if 0 < sampling.temperature < MIN_TEMPERATURE:
-            raise InvalidSettings(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, "
-                                  f"got {sampling.temperature}")
         if sampling.max_new_tokens > self.limits.max_new_tokens:
             raise LimitExceeded("max_new_tokens", sampling.max_new_tokens, self.limits.max_new_tokens,
                                 what="max_tokens")
