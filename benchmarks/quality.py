@@ -124,14 +124,17 @@ def doc_record(doc: NeedleTask) -> dict:
 
 # --- the two modes ----------------------------------------------------------------------------
 
+def quality_tables(summary: dict, modes: list[str], planned: dict[int, int]) -> list[dict]:
+    return arms.accuracy_tables(summary, modes, planned, "Needle retrieval: exact match of the value",
+                                "length (tokens)")
+
+
 def resummarize(path: Path) -> dict:
     """Recompute the summary and tables of a saved quality run from its per-document records."""
     result = json.loads(path.read_text())
     planned = {int(k): v for k, v in result["docs_planned"].items()}
-    summary = arms.summarize(result["documents"], result["arms"], result["lengths"])
-    result["summary"] = summary
-    result["tables"] = arms.accuracy_tables(summary, result["arms"], planned,
-                                            "Needle retrieval: exact match of the value", "length (tokens)")
+    result["summary"] = arms.summarize(result["documents"], result["arms"], result["lengths"])
+    result["tables"] = quality_tables(result["summary"], result["arms"], planned)
     return result
 
 
@@ -163,8 +166,7 @@ def run_quality(args, loaded, texts) -> dict:
         needles_per_document=list(NEEDLES), max_new_tokens=MAX_NEW_TOKENS, seed=args.seed,
         time_budget_min=args.time_budget_min, budget_exhausted=len(records) < len(plan),
         summary=summary, documents=records)
-    result["tables"] = arms.accuracy_tables(summary, modes, planned, "Needle retrieval: exact match of the value",
-                                            "length (tokens)")
+    result["tables"] = quality_tables(summary, modes, planned)
     if result["budget_exhausted"]:
         result["notes"].append(f"time budget of {args.time_budget_min} min reached: {len(records)} of {len(plan)} "
                                f"planned documents were run (interleaved, so every length is cut alike)")
