@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from refine_tta.engine import Engine, InvalidSettings, NotFound, Unavailable, is_session_id
+from refine_tta.engine import Engine, InvalidSettings, NotFound, is_session_id
 from refine_tta.model.generation import GenerationResult, SamplingConfig
 from refine_tta.refine.config import RefineConfig
 from server.errors import describe
@@ -54,7 +54,7 @@ def get_runtime(request: Request) -> Runtime:
 def get_engine(runtime: Runtime = Depends(get_runtime)) -> Engine:
     """The running engine; 503 while the model loads (or if it failed to)."""
     if runtime.engine is None:
-        raise Unavailable(runtime.status_message(), retry_after=runtime.retry_after_loading)
+        raise runtime.unavailable()
     return runtime.engine
 
 

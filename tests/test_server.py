@@ -115,6 +115,8 @@ def test_failed_load_is_reported_not_hidden(tmp_path):
         r = c.get("/health")
         assert r.status_code == 503 and "failed to load" in error_of(r)["message"]
         assert "has no config.json" in error_of(r)["message"]
+        assert "will not recover" in error_of(r)["message"]
+        assert "retry-after" not in r.headers and "x-refine-retry-safe" not in r.headers
 
 
 def test_request_ids(client):
