@@ -105,12 +105,12 @@ async def adapt(body: AdaptRequest, request: Request, runtime: Runtime = Depends
         return AdaptResponse.of(await wait_for_job(handle, request))
     bridge = EventBridge()
     handle = await run_in_threadpool(engine.submit_adapt, body.document, config, owner,
-                                     bridge.callback(lambda step: step))
+                                     bridge.callback(lambda event, data: (event, data)))
     bridge.attach(handle)
 
     async def events() -> AsyncIterator[dict]:
-        async for step in bridge.items():
-            yield {"event": "progress", "data": json.dumps(step)}
+        async for event, data in bridge.items():  # "started" once, then "progress" per step
+            yield {"event": event, "data": json.dumps(data)}
         error = handle.future.exception()
         if error is not None:
             yield {"event": "error", "data": describe(error).json()}
