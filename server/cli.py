@@ -87,7 +87,9 @@ def _add_setting_options(p: argparse.ArgumentParser) -> None:
     for name, (option, kwargs) in SETTING_OPTIONS.items():
         env = f"REFINE_TTA_{name.upper()}"
         help_text = kwargs.get("help", "")
-        p.add_argument(option, dest=name, **{**kwargs, "help": f"{help_text} (env {env})".strip()})
+        # absent options stay absent (SUPPRESS), so that 'none' can set a setting to None
+        p.add_argument(option, dest=name, default=argparse.SUPPRESS,
+                       **{**kwargs, "help": f"{help_text} (env {env})".strip()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("session_ids", nargs="*", metavar="SESSION", help="default: every session without an owner")
     for name in ("model", "state_dir", "device", "dtype", "backend"):
         option, kwargs = SETTING_OPTIONS[name]
-        sessions.add_argument(option, dest=name, **kwargs)
+        sessions.add_argument(option, dest=name, default=argparse.SUPPRESS, **kwargs)
     sessions.add_argument("--api-key", dest="owner_key", metavar="KEY",
                           help="adopt: the key that will own the sessions; list/delete: that key's sessions "
                                "instead of the unowned ones")
@@ -117,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ------------------------------------------------------------------------------------- settings
 def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict:
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    """The settings given as options (absent ones fall back to the environment, then the defaults)."""
+    return {k: getattr(args, k) for k in names if hasattr(args, k)}
 
 
 def _option_names(text: str) -> str:

@@ -83,7 +83,8 @@ def sampling_config(engine: Engine, max_tokens: int | None, default_max_tokens: 
 
 
 # ------------------------------------------------------------------------------------------ health
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=Health)
+@router.get("/health", response_model=Health)
+@router.head("/health", response_model=Health, include_in_schema=False)  # one operation id in the schema
 def health(runtime: Runtime = Depends(get_runtime)) -> Health:
     engine = get_engine(runtime)
     loaded = engine.loaded
