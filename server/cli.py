@@ -206,6 +206,9 @@ def serve(args: argparse.Namespace) -> int:
 
     threads = configure_threads(settings.threads)  # before torch loads (nothing above imported it)
     import uvicorn
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar in a server's log
 
     from server.app import create_app
 

@@ -246,7 +246,7 @@ class Engine:
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="refine-tta-worker", daemon=True)
         self._thread.start()
-        log.info("engine started: model %s on %s, limits %s", self.loaded.name, self.loaded.device, self.limits)
+        log.debug("engine started: model %s on %s, limits %s", self.loaded.name, self.loaded.device, self.limits)
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
