@@ -124,8 +124,9 @@ def _overrides(args: argparse.Namespace, names: Sequence[str]) -> dict:
 
 
 def _option_names(text: str) -> str:
-    """``max_steps=2`` -> ``--max-steps=2`` for every setting named in ``text``."""
-    pattern = r"\b(" + "|".join(sorted(SETTING_OPTIONS, key=len, reverse=True)) + r")\b"
+    """``max_steps=2`` -> ``--max-steps=2`` for every setting named (as an identifier) in ``text``."""
+    names = [name for name in SETTING_OPTIONS if "_" in name]  # plain words ("model", "port") stay words
+    pattern = r"\b(" + "|".join(sorted(names, key=len, reverse=True)) + r")\b"
     return re.sub(pattern, lambda m: SETTING_OPTIONS[m.group(1)][0], text)
 
 
@@ -142,9 +143,10 @@ def load_settings(overrides: dict):
         for error in exc.errors():
             message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
             field = str(error["loc"][0]) if error.get("loc") else None
-            if field in SETTING_OPTIONS:
-                value = overrides.get(field, error.get("input"))
-                parts.append(f"{SETTING_OPTIONS[field][0]} {value}: {message}")
+            if field in SETTING_OPTIONS and field in overrides:
+                parts.append(f"{SETTING_OPTIONS[field][0]} {overrides[field]}: {message}")
+            elif field in SETTING_OPTIONS:  # from the environment
+                parts.append(f"REFINE_TTA_{field.upper()}={error.get('input')}: {message}")
             else:
                 parts.append(_option_names(message))
         raise StartupError("invalid settings: " + "; ".join(parts)) from None
