@@ -1,6 +1,8 @@
 """Tier 3: sessions and the engine (the one worker thread that owns the device). No HTTP here."""
 
 from refine_tta.engine.engine import (
+    ADAPT_STARTED,
+    ADAPT_STEP,
     AdaptJob,
     Engine,
     EngineLimits,
@@ -22,7 +24,7 @@ from refine_tta.engine.errors import (
 from refine_tta.engine.sessions import Session, SessionStore, is_session_id, new_session_id
 
 __all__ = [
-    "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
+    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
     "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull", "Session", "SessionStore",
     "Unavailable", "is_session_id", "jsonable", "new_session_id",
 ]
