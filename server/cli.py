@@ -38,6 +38,9 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-body-bytes", type=int)
     p.add_argument("--session-memory-bytes", type=int)
     p.add_argument("--session-disk-bytes", type=int)
+    p.add_argument("--prune-sessions-at-start", action="store_true", default=None,
+                   help="delete least recently used sessions if over --session-disk-bytes at start")
+    p.add_argument("--shutdown-grace-s", type=float, help="seconds a running job may finish after SIGTERM")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -88,8 +91,10 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     app = create_app(settings)
     # One process, one worker thread: the device is owned by exactly one engine.
+    # uvicorn waits for open requests a little longer than the engine's grace period, so every
+    # request is answered by the engine (503 + Retry-After, or a stream's error event), not cut.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=10, access_log=settings.log_level == "debug")
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 10, access_log=settings.log_level == "debug")
     return 0
 
 
