@@ -477,7 +477,7 @@ def test_real_server_matches_the_engine(server, tiny, doc):
         sid = http.post("/v1/adapt", json={"document": doc, "settings": settings}).json()["session_id"]
         over_http = http.post("/v1/generate", json={"session_id": sid, "prompt": " The keeper", **sampling}).json()
     loaded = load_model(tiny, device="cpu")
-    with Engine(loaded, SessionStore(tiny.parent / "direct-state", loaded.fingerprint.to_dict())) as engine:
+    with Engine(loaded, SessionStore.open(tiny.parent / "direct-state", loaded.fingerprint)) as engine:
         session = engine.submit_adapt(doc, RefineConfig.from_dict({**preset("embedded"), **DEFAULTS, **settings}), None).result(120)
         direct = engine.submit_generate(session.id, " The keeper", SamplingConfig(
             max_new_tokens=16, temperature=0.9, top_p=0.95, seed=13), None).result(60)

@@ -297,8 +297,8 @@ class SessionStorage:
         return is_session_id(session_id) and (self.directory / session_id / META_FILE).is_file()
 
     def _reached(self, step: str, path: Path) -> None:
-        """Called after each step of a write (``staged``, each file name, ``published``). A no-op;
-        fault-injection tests replace it to stop the process at a chosen point."""
+        """Called after each step of a write (``staged``, each file name, ``published``) and of a
+        delete (``unlisted``). A no-op; fault-injection tests replace it to stop at a chosen point."""
 
     # ------------------------------------------------------------------------------------ write
     def write(self, record: SessionRecord) -> int:
@@ -503,6 +503,7 @@ class SessionStorage:
         except FileNotFoundError:
             raise NotFound(f"session {session_id!r} not found") from None
         fsync_dir(self.directory)
+        self._reached("unlisted", doomed)
         shutil.rmtree(doomed, ignore_errors=True)
 
     def write_last_used(self, session_id: str, when: float) -> None:
