@@ -282,8 +282,10 @@ def test_sigterm_during_plain_and_streamed_adaptation(tiny, tok, tmp_path):
         proc.proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(60)
-        assert proc.proc.wait(60) == 0, proc.log()
+        rc = proc.proc.wait(60)
         exited = time.monotonic() - t_term
+        # uvicorn re-raises the signal once shut down: -15 after "Application shutdown complete".
+        assert rc in (0, -signal.SIGTERM) and "Application shutdown complete" in proc.log(), proc.log()
         status, headers, body, t_plain = results["plain"]
         assert status == 503 and body["error"]["type"] == "unavailable", body
         assert headers["retry-after"] and headers["x-refine-retry-safe"] == "true" and headers["x-request-id"]
@@ -295,14 +297,14 @@ def test_sigterm_during_plain_and_streamed_adaptation(tiny, tok, tmp_path):
         if running == "plain":
             assert t_plain - t_term >= 0.9 and n_progress == 0  # the running one had its grace period
             report("SIGTERM, plain adaptation running (64 steps) + stream queued, grace 1 s",
-                   f"queued job ended at once, running one cancelled after the grace; exit 0 in {exited:.1f} s",
+                   f"queued job ended at once, running one cancelled after the grace; clean exit ({rc}) in {exited:.1f} s",
                    f"plain: 503 unavailable after {t_plain - t_term:.1f} s, Retry-After: {headers['retry-after']}, "
                    f"x-refine-retry-safe: true, x-request-id; stream: 200 then 'event: error' (unavailable) "
                    f"after {t_stream - t_term:.1f} s")
         else:
             assert t_stream - t_term >= 0.9 and n_progress >= 1
             report("SIGTERM, streamed adaptation running (64 steps) + plain queued, grace 1 s",
-                   f"queued job ended at once, running one cancelled after the grace; exit 0 in {exited:.1f} s",
+                   f"queued job ended at once, running one cancelled after the grace; clean exit ({rc}) in {exited:.1f} s",
                    f"stream: {n_progress} progress events then 'event: error' (unavailable) after "
                    f"{t_stream - t_term:.1f} s; plain: 503 unavailable after {t_plain - t_term:.1f} s, "
                    f"Retry-After, x-refine-retry-safe: true")
