@@ -134,6 +134,7 @@ def install_error_handlers(app: FastAPI) -> None:
                              info.headers)
         return info.response()
 
-    for cls in (NotFound, LimitExceeded, InvalidSettings, QueueFull, Unavailable, StorageFull, Cancelled, AuthenticationFailed,
-                BodyTooLarge, MalformedJSON, RequestValidationError, StarletteHTTPException, Exception):
+    for cls in (NotFound, LimitExceeded, InvalidSettings, QueueFull, Unavailable, StorageFull, Cancelled,
+                AuthenticationFailed, BodyTooLarge, MalformedJSON, RequestValidationError, StarletteHTTPException,
+                Exception):
         app.add_exception_handler(cls, handle)

@@ -222,7 +222,8 @@ def test_damaged_files_are_quarantined_and_answered_clearly(tiny, tok, tmp_path)
     proc = start(tiny, state)
     try:
         with httpx.Client(base_url=proc.url, timeout=120) as http:
-            for sid, file, n in ((delta_flip, "delta.safetensors", "4 KiB"), (state_flip, "state.safetensors", "1 byte")):
+            for sid, file, n in ((delta_flip, "delta.safetensors", "4 KiB"),
+                                 (state_flip, "state.safetensors", "1 byte")):
                 r = answer(http, sid)
                 error = r.json()["error"]
                 assert r.status_code == 404 and error["type"] == "not_found" and "x-request-id" in r.headers
@@ -353,14 +354,16 @@ def test_sigterm_during_plain_and_streamed_adaptation(tiny, tok, tmp_path):
         if running == "plain":
             assert t_plain - t_term >= 0.9 and n_progress == 0  # the running one had its grace period
             report("SIGTERM, plain adaptation running (64 steps) + stream queued, grace 1 s",
-                   f"queued job ended at once, running one cancelled after the grace; clean exit ({rc}) in {exited:.1f} s",
+                   f"queued job ended at once, running one cancelled after the grace; clean exit ({rc}) "
+                   f"in {exited:.1f} s",
                    f"plain: 503 unavailable after {t_plain - t_term:.1f} s, Retry-After: {headers['retry-after']}, "
                    f"x-refine-retry-safe: true, x-request-id; stream: 200 then 'event: error' (unavailable) "
                    f"after {t_stream - t_term:.1f} s")
         else:
             assert t_stream - t_term >= 0.9 and n_progress >= 1
             report("SIGTERM, streamed adaptation running (64 steps) + plain queued, grace 1 s",
-                   f"queued job ended at once, running one cancelled after the grace; clean exit ({rc}) in {exited:.1f} s",
+                   f"queued job ended at once, running one cancelled after the grace; clean exit ({rc}) "
+                   f"in {exited:.1f} s",
                    f"stream: {n_progress} progress events then 'event: error' (unavailable) after "
                    f"{t_stream - t_term:.1f} s; plain: 503 unavailable after {t_plain - t_term:.1f} s, "
                    f"Retry-After, x-refine-retry-safe: true")
