@@ -439,7 +439,13 @@ class Engine:
                 self._finish(handle, exc=handle.reason or Cancelled("cancelled before it started"))
                 continue
             with self._lock:
-                self._running = handle
+                shutting_down = self._shutdown_at is not None  # taken off the queue as shutdown began
+                if not shutting_down:
+                    self._running = handle
+            if shutting_down:
+                handle.cancel(self._unavailable)
+                self._finish(handle, exc=self._unavailable)
+                continue
             try:
                 result = handle.job.run(self, handle)
             except Exception as exc:  # delivered to the caller through the future

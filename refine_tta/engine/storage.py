@@ -251,11 +251,16 @@ class StateDirLock:
 
     def release(self) -> None:
         if self._fd >= 0:
+            if self.mode is LockMode.EXCLUSIVE:
+                os.ftruncate(self._fd, 0)  # no stale "in use by pid N" for the next contender
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = -1
 
     def __del__(self) -> None:  # an unreachable lock guards nothing
-        self.release()
+        try:
+            self.release()
+        except Exception:  # interpreter shutdown
+            pass
 
     @property
     def held(self) -> bool:
@@ -347,13 +352,13 @@ class SessionStorage:
         quarantining) if garbled; Unavailable on transient errors."""
         path = self.path(session_id)
         meta = self._retrying(lambda: self._load_meta(path), session_id)
-        return self._entry(path, meta)
+        return self._retrying(lambda: self._entry(path, meta), session_id)
 
     def read(self, session_id: str) -> tuple[IndexEntry, dict[str, StoredPart]]:
         """Metadata and every part's tensors (CPU), each file checked against its SHA-256 first."""
         path = self.path(session_id)
         meta = self._retrying(lambda: self._load_meta(path), session_id)
-        entry = self._entry(path, meta)
+        entry = self._retrying(lambda: self._entry(path, meta), session_id)
         parts: dict[str, StoredPart] = {}
         for filename, info in meta["files"].items():
             data = self._retrying(lambda filename=filename: (path / filename).read_bytes(), session_id)
