@@ -326,17 +326,65 @@ def test_sessions_of_another_model_or_format_are_refused_and_kept(tmp_path, capl
     store.put(old)
     store.close()
     meta_path = tmp_path / old.id / META_FILE
-    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format": "refine-tta-session/1"}))
+    meta_path.write_text(json.dumps({**json.loads(meta_path.read_text()), "format": "refine-tta-session/3"}))
     with caplog.at_level(logging.WARNING, logger="refine_tta.engine.storage"):
         other = SessionStore.open(tmp_path, OTHER_FP)
     assert other.list(None) == [] and len(other) == 0
     assert "another model" in caplog.text and "weights_hash" in caplog.text and "config_hash" not in caplog.text
     with pytest.raises(SessionRefused, match="another model"):
         other.get(s.id, None)
-    with pytest.raises(SessionRefused, match="format 'refine-tta-session/1'"):
+    with pytest.raises(SessionRefused, match="format 'refine-tta-session/3'"):
         other.get(old.id, None)
     assert (tmp_path / s.id / META_FILE).is_file() and quarantine_entries(tmp_path) == []  # kept in place
     assert_same_tensors(reopen(other).get(s.id, None), s)
+
+
+def write_format_1(root: Path, s: Session, fp: ModelFingerprint) -> None:
+    """``s`` as refine-tta 0.1.0 wrote it (format 1: sizes in meta.json, descriptions in the
+    safetensors headers, no checksums)."""
+    from safetensors.torch import save_file
+
+    path = root / s.id
+    path.mkdir(parents=True)
+    fp_json = json.dumps(fp.to_dict(), sort_keys=True)
+    save_file(s.state.state_dict(), str(path / STATE_FILE),
+              metadata={"format": "refine-tta-state/1", "fingerprint": fp_json, "n_tokens": str(s.state.n_tokens),
+                        "n_layers": str(len(s.state.layers)), "extra": json.dumps({"session_id": s.id})})
+    save_file(dict(s.delta.tensors) or {"__empty__": torch.zeros(0)}, str(path / DELTA_FILE),
+              metadata={"format": "refine-tta-delta/1", "kind": s.delta.kind, "scale": repr(s.delta.scale),
+                        "fingerprint": fp_json})
+    meta = {"format": "refine-tta-session/1", "session_id": s.id, "owner": s.owner, "created": s.created,
+            "last_used": s.created + 5, "document_tokens": s.document_tokens, "state_bytes": s.state_bytes,
+            "delta_bytes": s.delta_bytes, "settings": s.settings, "stats": s.stats, "fingerprint": fp.to_dict(),
+            "files": {name: (path / name).stat().st_size for name in (STATE_FILE, DELTA_FILE)}}
+    (path / META_FILE).write_text(json.dumps(meta))
+
+
+def test_format_1_sessions_are_upgraded_in_place(tmp_path, caplog):
+    old = [make_session(1, kind="full"), make_session(2, kind="lora"), make_session(3, kind="none")]
+    for s in old:
+        write_format_1(tmp_path, s, FP)
+    foreign = make_session(4)
+    write_format_1(tmp_path, foreign, OTHER_FP)
+    before = {s.id: {n: (tmp_path / s.id / n).read_bytes() for n in (STATE_FILE, DELTA_FILE)} for s in old}
+    with caplog.at_level(logging.INFO, logger="refine_tta.engine.storage"):
+        store = SessionStore.open(tmp_path, FP)
+    assert caplog.text.count("upgraded sess_") == 3
+    assert {x.id for x in store.list(None)} == {s.id for s in old}
+    for s in old:
+        assert_same_tensors(store.get(s.id, None), s)
+        info = store.info(s.id, None)
+        assert (info.created, info.settings, info.stats) == (s.created, s.settings, s.stats)
+        assert json.loads((tmp_path / s.id / META_FILE).read_text())["format"] == SESSION_FORMAT
+        for name, data in before[s.id].items():  # the tensor files themselves are untouched
+            assert (tmp_path / s.id / name).read_bytes() == data
+    assert store.info(old[0].id, None).last_used >= old[0].created + 5
+    with pytest.raises(SessionRefused, match="refine-tta-session/1"):  # another model's: kept as it was
+        store.get(foreign.id, None)
+    flip_bytes(tmp_path / old[0].id / STATE_FILE)  # from now on the checksums guard them
+    store = reopen(store)
+    with pytest.raises(SessionDamaged, match="checksum"):
+        store.get(old[0].id, None)
 
 
 # ---------------------------------------------------------------------------- transient errors

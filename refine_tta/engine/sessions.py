@@ -126,7 +126,8 @@ def from_parts(parts: dict[str, StoredPart], device: torch.device) -> tuple[Docu
     state_part, delta_part = parts[STATE_PART], parts[DELTA_PART]
     state = DocumentState.from_state_dict(state_part.tensors, int(state_part.description["n_tokens"])).to(device)
     delta = ParameterDelta(str(delta_part.description["kind"]),
-                           {k: v.to(device) for k, v in delta_part.tensors.items()},
+                           {k: v.to(device) for k, v in delta_part.tensors.items()
+                            if k != "__empty__"},  # format 1's marker in a delta without tensors
                            float(delta_part.description["scale"]))
     return state, delta
 

@@ -55,6 +55,7 @@ from refine_tta.model.loading import ModelFingerprint
 log = logging.getLogger(__name__)
 
 SESSION_FORMAT = "refine-tta-session/2"
+FORMAT_1 = "refine-tta-session/1"  # upgraded in place at start (see SessionStorage._upgrade_format_1)
 META_FILE = "meta.json"
 LAST_USED_FILE = "last_used"
 LOCK_FILE = ".lock"
@@ -215,6 +216,14 @@ def _describe_os_error(exc: OSError) -> str:
 
 def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors file's header (8-byte little-endian length, then JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    if not 2 <= n <= len(data) - 8:
+        raise ValueError("not a safetensors file")
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}
 
 
 # --------------------------------------------------------------------------------------------- lock
@@ -518,6 +527,41 @@ class SessionStorage:
         except (FileNotFoundError, NotFound):  # deleted meanwhile
             pass
 
+    # ----------------------------------------------------------------------------- format 1 import
+    def _upgrade_format_1(self, path: Path) -> None:
+        """Give a format-1 session (sizes but no checksums in ``meta.json``; part descriptions in the
+        safetensors headers) a format-2 ``meta.json``, in place and atomically. Its tensor files are
+        kept as they are; their checksums are taken now (they had none: trusted as found, sizes
+        checked). Sessions of another model, or that do not check out, are left for the scan."""
+        try:
+            meta = json.loads((path / META_FILE).read_bytes())
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT_1:
+                return
+            if self.fingerprint.mismatch(meta["fingerprint"]):
+                return  # refused by the scan, as format 1, kept
+            files: dict[str, dict[str, Any]] = {}
+            for part in ("state", "delta"):
+                filename = f"{part}.safetensors"
+                data = (path / filename).read_bytes()
+                if len(data) != int(meta["files"][filename]):
+                    return  # the scan quarantines it (format 2 checks fail the same way)
+                header = _safetensors_metadata(data)
+                description = {"n_tokens": int(header["n_tokens"])} if part == "state" else \
+                    {"kind": str(header["kind"]), "scale": float(header["scale"])}
+                files[filename] = {"part": part, "bytes": len(data), "sha256": sha256(data),
+                                   "description": description}
+            keep = ("owner", "created", "document_tokens", "state_bytes", "delta_bytes", "settings", "stats")
+            new = {**{k: meta[k] for k in keep}, "format": SESSION_FORMAT, "session_id": path.name,
+                   "fingerprint": meta["fingerprint"], "files": files}
+            if isinstance(meta.get("last_used"), (int, float)):
+                atomic_write(path / LAST_USED_FILE, repr(float(meta["last_used"])).encode(), durable=False)
+            atomic_write(path / META_FILE, json.dumps(new, sort_keys=True, allow_nan=False).encode())
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("session storage: could not upgrade %s from %s (%s: %s)", path.name, FORMAT_1,
+                        type(exc).__name__, exc)
+            return
+        log.info("session storage: upgraded %s from %s (checksums taken of the files as found)", path.name, FORMAT_1)
+
     # ------------------------------------------------------------------------------------- scan
     def session_ids(self) -> Iterator[str]:
         for entry in sorted(self.directory.iterdir()):
@@ -546,6 +590,8 @@ class SessionStorage:
             if not (entry / META_FILE).exists():  # a writer never publishes such a directory
                 self.quarantine(name, f"no {META_FILE} (not a session this storage wrote)")
                 continue
+            if not self.shared:
+                self._upgrade_format_1(entry)
             try:
                 sessions.append(self.read_meta(name))
             except SessionRefused as exc:
