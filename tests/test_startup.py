@@ -202,9 +202,10 @@ def test_unowned_sessions_under_key_auth_are_logged_and_can_be_adopted(tiny, tmp
     from server.middleware import owner_of
 
     state = tmp_path / "state"
-    fingerprint = load_model(tiny, device="cpu", load_tokenizer=False).fingerprint.to_dict()
-    store = SessionStore(state, fingerprint)
+    fingerprint = load_model(tiny, device="cpu", load_tokenizer=False).fingerprint
+    store = SessionStore.open(state, fingerprint)
     ids = [store.put(make_session(i)).id for i in range(2)]
+    store.close()  # releases the state directory's lock for the server
     with caplog.at_level(logging.INFO), app_client(tiny, state, api_keys=["k1"]) as c:
         headers = {"authorization": "Bearer k1"}
         assert c.get("/v1/sessions", headers=headers).json() == {"sessions": []}
@@ -219,5 +220,5 @@ def test_unowned_sessions_under_key_auth_are_logged_and_can_be_adopted(tiny, tmp
     assert main(["sessions", "adopt", ids[0], *common]) == 2  # adopt needs --api-key
     assert main(["sessions", "adopt", ids[0], *common, "--api-key", "k1"]) == 0
     assert main(["sessions", "delete", *common]) == 0  # the remaining unowned one
-    reopened = SessionStore(state, fingerprint)
+    reopened = SessionStore.open(state, fingerprint)
     assert [s.id for s in reopened.list(owner_of("k1"))] == [ids[0]] and reopened.list(None) == []

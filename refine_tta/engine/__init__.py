@@ -21,10 +21,22 @@ from refine_tta.engine.errors import (
     QueueFull,
     Unavailable,
 )
-from refine_tta.engine.sessions import Session, SessionStore, is_session_id, new_session_id
+from refine_tta.engine.sessions import Session, SessionStore
+from refine_tta.engine.storage import (
+    LockMode,
+    SessionDamaged,
+    SessionRefused,
+    SessionStorage,
+    StateDirLock,
+    StateDirLocked,
+    StorageFull,
+    is_session_id,
+    new_session_id,
+)
 
 __all__ = [
-    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
-    "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull", "Session", "SessionStore",
-    "Unavailable", "is_session_id", "jsonable", "new_session_id",
+    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics",
+    "GenerateJob", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LockMode", "NotFound", "QueueFull",
+    "Session", "SessionDamaged", "SessionRefused", "SessionStorage", "SessionStore", "StateDirLock", "StateDirLocked",
+    "StorageFull", "Unavailable", "is_session_id", "jsonable", "new_session_id",
 ]
