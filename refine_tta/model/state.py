@@ -62,9 +62,13 @@ class LayerState:
 @dataclass
 class NamedLayerState:
     """One layer of a model family with its own kind of memory (e.g. LaCT): tensors by name,
-    every one batch-first [B, ...]. Names are the family's (its cache adapter reads them)."""
+    every one batch-first [B, ...]. Names are the family's (its cache adapter reads them); kept
+    sorted, the order a saved state loads in, so ``tensors()`` lines up across save/load."""
 
     named: dict[str, torch.Tensor]
+
+    def __post_init__(self):
+        self.named = dict(sorted(self.named.items()))
 
     def tensors(self) -> list[torch.Tensor]:
         return list(self.named.values())

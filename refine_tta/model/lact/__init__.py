@@ -5,7 +5,7 @@ by ``load_model``; nothing is registered at import).
 """
 
 from refine_tta.model.lact.configuration import LaCTSWIGLUConfig
-from refine_tta.model.lact.modeling import LaCTForCausalLM, LaCTModel
+from refine_tta.model.lact.modeling import LaCTForCausalLM, LaCTModel, state_nbytes
 from refine_tta.model.lact.state import LaCTCache, LaCTCacheAdapter
 
 
@@ -21,4 +21,4 @@ def register_lact() -> None:
     AutoModelForCausalLM.register(LaCTSWIGLUConfig, LaCTForCausalLM)
 
 
-__all__ = ["LaCTCache", "LaCTCacheAdapter", "LaCTForCausalLM", "LaCTModel", "LaCTSWIGLUConfig", "register_lact"]
+__all__ = ["LaCTCache", "LaCTCacheAdapter", "LaCTForCausalLM", "LaCTModel", "LaCTSWIGLUConfig", "register_lact", "state_nbytes"]

@@ -367,3 +367,12 @@ class LaCTForCausalLM(LaCTPreTrainedModel):
             shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
             loss = F.cross_entropy(logits.float().flatten(0, 1), shifted.flatten().to(logits.device))
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values)
+
+
+def state_nbytes(config: LaCTSWIGLUConfig, dtype: torch.dtype) -> int:
+    """Bytes of one batch row's document state for ``config`` in ``dtype`` (next-token logits not
+    counted): built on the meta device, so it is exact and allocates nothing."""
+    with torch.device("meta"):
+        layer = LaCTSWIGLULayer(config, 0).to(dtype)
+        one = layer.initial_state(1, torch.device("meta"))
+    return config.num_hidden_layers * sum(t.numel() * t.element_size() for t in one.values())
