@@ -200,6 +200,18 @@ def test_authors_bf16_newton_schulz_agrees_to_bf16_rounding():
         torch.testing.assert_close(read(model, ids[:, 37:], state).logits, want[:, 37:], rtol=0, atol=1e-3)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA; the CPU tests above are its counterpart")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_state_then_continuation_equals_recompute_on_cuda(dtype):
+    model = make_lact().to("cuda", dtype)
+    ids = doc(70, seed=2).cuda()
+    want = reference_logits(model, ids).float()
+    with torch.no_grad():
+        state = read(model, ids[:, :37]).state
+        cont = read(model, ids[:, 37:], state).logits.float()
+    torch.testing.assert_close(cont, want[:, 37:], rtol=0, atol=2e-5 if dtype == torch.float32 else 5e-2)
+
+
 def test_chunk_updates_matter(lact):
     """The comparisons above can fail: without the chunk updates the logits are far off."""
     ids = doc(70, seed=4)

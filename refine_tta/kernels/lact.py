@@ -45,10 +45,10 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     return (x / (x.float().norm(dim=-1, keepdim=True) + eps)).to(x.dtype)
 
 
-def newton_schulz5(g: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+def newton_schulz5(g: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Approximate orthogonalisation (the zeroth power U V^T of g = U S V^T) of each matrix.
 
-    g: [..., m, n]. Runs in ``dtype`` (LaCT uses bf16) and returns that dtype. The wide side is kept
+    g: [..., m, n]. Runs in ``dtype`` (the authors' code: bf16) and returns that dtype. The wide side is kept
     last so that X X^T is the small Gram matrix; Frobenius-normalised first so the spectral norm <= 1.
     """
     x = g.to(dtype)
@@ -96,11 +96,12 @@ def row_norms(w: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class FastWeightRule:
-    """How a chunk updates the weights. muon_dtype: Newton-Schulz compute dtype (LaCT: bf16)."""
+    """How a chunk updates the weights. muon_dtype: the Newton-Schulz compute dtype (the authors'
+    code: bf16, which makes results depend on summation order; see LaCTSWIGLUConfig)."""
 
     use_muon: bool
     use_momentum: bool
-    muon_dtype: torch.dtype = torch.bfloat16
+    muon_dtype: torch.dtype = torch.float32
 
 
 def fast_weight_update(ws, norms, grads, prev, momentum, rule: FastWeightRule):

@@ -89,7 +89,7 @@ class NamedLayerState:
 
 @dataclass
 class DocumentState:
-    """layers: one LayerState per block (empty list = nothing read yet);
+    """layers: one LayerState (fla families) or NamedLayerState (e.g. LaCT) per block (empty = nothing read);
     n_tokens: tokens read; next_logits: [B, V] fp32 prediction of the next token (None if nothing read)."""
 
     layers: list[LayerState | NamedLayerState] = field(default_factory=list)
