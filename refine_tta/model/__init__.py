@@ -1,4 +1,4 @@
-"""Tier 1: loading fla models, their kernel backend, document states, reading and generation.
+"""Tier 1: loading fla models and LaCT, their kernel backend, document states, reading and generation.
 
 Importing this package does not import fla (that happens in ``load_model``).
 """
@@ -14,10 +14,19 @@ from refine_tta.model.loading import (
     prepare_model,
 )
 from refine_tta.model.runtime import ReadOutput, read, read_document
-from refine_tta.model.state import DocumentState, LayerState, StateMismatchError, read_state_header
+from refine_tta.model.state import (
+    CacheAdapter,
+    DocumentState,
+    LayerState,
+    NamedLayerState,
+    StateMismatchError,
+    cache_adapter,
+    read_state_header,
+)
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "DocumentState", "GenerationResult", "LayerState", "LoadedModel", "ModelFingerprint",
-    "ModelLoadError", "ReadOutput", "SamplingConfig", "StateMismatchError", "fingerprint_model", "generate",
-    "load_model", "prepare_model", "read", "read_document", "read_state_header", "sample_next",
+    "SUPPORTED_MODEL_TYPES", "CacheAdapter", "DocumentState", "GenerationResult", "LayerState", "LoadedModel",
+    "ModelFingerprint", "ModelLoadError", "NamedLayerState", "ReadOutput", "SamplingConfig", "StateMismatchError",
+    "cache_adapter", "fingerprint_model", "generate", "load_model", "prepare_model", "read", "read_document",
+    "read_state_header", "sample_next",
 ]
