@@ -15,10 +15,11 @@ position per batch row. Reads never modify the cache they are given.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from einops import rearrange
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
 
@@ -64,6 +65,28 @@ class GatedMLP(nn.Module):
 
     def forward(self, x):
         return swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+@dataclass
+class LayerInputs:
+    """What one LaCT layer reads, per token. Attention: q, k, v [B, T, Ha, hd] (RoPE applied).
+    Fast weights: fq, fk [B, Hf, T, d] (SiLU, l2-normalised, RoPE unless ttt_nope), fv [B, Hf, T, d],
+    lr [B, Hf, T, 3R] fp32 (for w0, w1, w2), mom [B, Hf, T] fp32 or None; scale [B, T, Hf, 1] or None."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    fq: torch.Tensor
+    fk: torch.Tensor
+    fv: torch.Tensor
+    lr: torch.Tensor
+    mom: torch.Tensor | None
+    scale: torch.Tensor | None
+
+
+def _heads(t: torch.Tensor, n: int) -> torch.Tensor:
+    """[..., n * d] -> [..., n, d]."""
+    return t.unflatten(-1, (n, -1))
 
 
 class LowRankFastWeight(nn.Module):
@@ -147,41 +170,30 @@ class LaCTSWIGLULayer(nn.Module):
         d = self.head_dim
         return 1.0 / (self.rope_theta ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
 
-    def project(self, x: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """x [B, T, D], positions [B, T] -> attention q, k, v [B, T, Ha, hd] (RoPE applied) and the
-        fast-weight inputs fq, fk [B, Hf, T, d], fv [B, Hf, T, d], lr [B, Hf, T, 3R] fp32,
-        mom [B, Hf, T] fp32 (or None), scale [B, T, Hf, 1] (or None)."""
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> LayerInputs:
+        """x [B, T, D], positions [B, T] -> what attention and the fast weights read (see LayerInputs)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
         if self.attn_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        fq = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]
+        fq = q * self.qk_scale[:, 0] + self.qk_offset[:, 0]  # the fast weights' own scale and shift
         fk = k * self.qk_scale[:, 1] + self.qk_offset[:, 1]
-        fv = v
-        inv_freq = self._inv_freq(x.device)
-        heads = lambda t: rearrange(t, "b t (h d) -> b t h d", d=self.head_dim)  # noqa: E731
-        q, k, v = heads(q), heads(k), heads(v)
-        q, k = K.rotary(q, positions, inv_freq), K.rotary(k, positions, inv_freq)
-        fw = lambda t: rearrange(t, "b t (h d) -> b t h d", h=self.num_fw_heads)  # noqa: E731
-        fq, fk, fv = fw(fq), fw(fk), fw(fv)
+        fq, fk, fv = (_heads(t, self.num_fw_heads) for t in (fq, fk, v))  # [B, T, Hf, d]
         if self.qkv_silu:
             fq, fk = F.silu(fq), F.silu(fk)
             if not self.no_v_silu:
                 fv = F.silu(fv)
         fq, fk = K.l2_normalize(fq), K.l2_normalize(fk)
-        if not self.ttt_nope:  # the attention's RoPE, on the attention heads' split of the channels
-            to_attn = lambda t: rearrange(t, "b t h d -> b t (h d)").unflatten(-1, (self.num_heads, self.head_dim))  # noqa: E731
-            fq = fw(K.rotary(to_attn(fq), positions, inv_freq).flatten(-2))
-            fk = fw(K.rotary(to_attn(fk), positions, inv_freq).flatten(-2))
-        lr = F.softplus(self.lr_proj(x).float() + self.base_lr_inv)
-        lr = rearrange(lr, "b t (h r) -> b h t r", h=self.num_fw_heads)
-        mom = None
-        if self.use_momentum:
-            mom = rearrange(self.momentum_proj(x).float(), "b t h -> b h t")
-        scale = None
-        if self.learnable_ttt_scale:
-            scale = F.silu(self.ttt_scale_proj(x)).unsqueeze(-1)
-        t = lambda z: z.transpose(1, 2)  # noqa: E731
-        return dict(q=q, k=k, v=v, fq=t(fq), fk=t(fk), fv=t(fv), lr=lr, mom=mom, scale=scale)
+        inv_freq = self._inv_freq(x.device)
+        if not self.ttt_nope:  # the attention's RoPE, applied on the attention heads' split of the channels
+            fq, fk = (_heads(K.rotary(_heads(t.flatten(-2), self.num_heads), positions, inv_freq).flatten(-2),
+                             self.num_fw_heads) for t in (fq, fk))
+        q, k, v = (_heads(t, self.num_heads) for t in (q, k, v))  # [B, T, Ha, hd]
+        q, k = K.rotary(q, positions, inv_freq), K.rotary(k, positions, inv_freq)
+        lr = F.softplus(self.lr_proj(x).float() + self.base_lr_inv)  # [B, T, Hf * 3R]
+        mom = self.momentum_proj(x).float().transpose(1, 2) if self.use_momentum else None
+        scale = F.silu(self.ttt_scale_proj(x)).unsqueeze(-1) if self.learnable_ttt_scale else None
+        return LayerInputs(q, k, v, fq.transpose(1, 2), fk.transpose(1, 2), fv.transpose(1, 2),
+                           _heads(lr, self.num_fw_heads).transpose(1, 2), mom, scale)
 
     def combine(self, x: torch.Tensor, o_attn: torch.Tensor, o_fw: torch.Tensor, scale) -> torch.Tensor:
         """o_attn [B, T, Ha, hd], o_fw [B, Hf, T, d] -> o_proj(attn + scale * norm(fast)) [B, T, D]."""
@@ -209,22 +221,21 @@ class LaCTSWIGLULayer(nn.Module):
         pos = state["pos"]
         positions = pos.view(B, 1) + torch.arange(T, device=x.device).view(1, T)
         p = self.project(x, positions)
-        o_attn, ck, cv = K.window_attention(p["q"], p["k"], p["v"], state["attn_k"], state["attn_v"], pos,
-                                            self.window_size)
+        o_attn, ck, cv = K.window_attention(p.q, p.k, p.v, state["attn_k"], state["attn_v"], pos, self.window_size)
         fw = K.FastWeightState.from_named(state)
         norms = tuple(K.row_norms(w.to(fw.w0.dtype)) for w in self.initial_weights())
-        o_fw, fw = K.lact_swiglu_step(fw, norms, p["fq"], p["fk"], p["fv"], p["lr"], p["mom"], self.rule)
-        return self.combine(x, o_attn, o_fw, p["scale"]), {**fw.named(), "attn_k": ck, "attn_v": cv}
+        o_fw, fw = K.lact_swiglu_step(fw, norms, p.fq, p.fk, p.fv, p.lr, p.mom, self.rule)
+        return self.combine(x, o_attn, o_fw, p.scale), {**fw.named(), "attn_k": ck, "attn_v": cv}
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The whole sequence x [B, T, D] from position 0 with the reference kernels (no state)."""
         B, T, _ = x.shape
         positions = torch.arange(T, device=x.device).expand(B, T)
         p = self.project(x, positions)
-        o_attn = K.window_attention_reference(p["q"], p["k"], p["v"], self.window_size)
+        o_attn = K.window_attention_reference(p.q, p.k, p.v, self.window_size)
         ws = tuple(w.to(self._state_dtype()) for w in self.initial_weights())
-        o_fw = K.lact_swiglu_reference(*ws, p["fq"], p["fk"], p["fv"], p["lr"], p["mom"], self.chunk_size, self.rule)
-        return self.combine(x, o_attn, o_fw, p["scale"])
+        o_fw = K.lact_swiglu_reference(*ws, p.fq, p.fk, p.fv, p.lr, p.mom, self.chunk_size, self.rule)
+        return self.combine(x, o_attn, o_fw, p.scale)
 
 
 def _check_supported(config: LaCTSWIGLUConfig) -> None:
