@@ -21,4 +21,5 @@ def register_lact() -> None:
     AutoModelForCausalLM.register(LaCTSWIGLUConfig, LaCTForCausalLM)
 
 
-__all__ = ["LaCTCache", "LaCTCacheAdapter", "LaCTForCausalLM", "LaCTModel", "LaCTSWIGLUConfig", "register_lact", "state_nbytes"]
+__all__ = ["LaCTCache", "LaCTCacheAdapter", "LaCTForCausalLM", "LaCTModel", "LaCTSWIGLUConfig", "register_lact",
+           "state_nbytes"]
