@@ -15,12 +15,14 @@ paper's setting), lr 1e-6. For every (L, n, path): one warm-up step, then ``--re
 steps, each inside a fresh ``trainable_scope`` with a fresh AdamW, so every repetition does the
 same work from the base weights; the median is reported, with the per-phase split of that step.
 With no trained weights in ``--model`` the model is initialised at random from its config.json
-(or, without one, from the training script's default architecture); the output says so.
+(or, without one, from the training script's default architecture); the output says so. Any
+supported model type works, e.g. the small LaCT configuration in ``benchmarks/configs/lact-small``.
 Timing does not depend on the weights' values, only on their shapes.
 
     python -m benchmarks.adapt_step                           # L = 1024, 4096; n = 1, 4
     python -m benchmarks.adapt_step --lengths 1024,4096,8192 --repeats 3
     python -m benchmarks.adapt_step --lengths 1024 --ns 1 --threads 2
+    python -m benchmarks.adapt_step --model benchmarks/configs/lact-small --tokenizer models/refine-tiny-deltanet
 """
 
 from __future__ import annotations
@@ -37,76 +39,7 @@ DEFAULT_MODEL = bc.REPO_ROOT / "models" / "refine-tiny-deltanet"
 PATHS = ("branch", "reference")
 
 
-# --- model and documents ----------------------------------------------------------------------
-
-def load_or_init(path: Path, device: str):
-    """(model, tokenizer or None, info dict). Random initialisation when the weights are absent."""
-    import torch
-
-    from refine_tta.model import load_model
-    from refine_tta.model.loading import fingerprint_model, prepare_model, register_fla_models
-
-    has_config = (path / "config.json").is_file()
-    has_weights = any(path.glob("*.safetensors"))
-    if has_config and has_weights:
-        loaded = load_model(path, device=device)
-        model, tok = loaded.model, loaded.tokenizer
-        weights = "trained"
-        note = None
-    else:
-        register_fla_models()
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        tok = _tokenizer_or_none(path)
-        if has_config:
-            config = AutoConfig.from_pretrained(path)
-            weights = f"random init from {path / 'config.json'}"
-        else:
-            from fla.models import DeltaNetConfig
-
-            from refine_tta.train.train import parse_args as train_defaults
-
-            d = train_defaults([])
-            config = DeltaNetConfig(hidden_size=d.hidden, num_hidden_layers=d.layers, num_heads=d.heads,
-                                    vocab_size=len(tok) if tok is not None else 8192, tie_word_embeddings=True,
-                                    fuse_cross_entropy=False, use_cache=True)
-            weights = "random init with the training script's default architecture (no config.json)"
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).to(device)
-        if device == "cpu":
-            model.float()
-        prepare_model(model, torch.device(device))
-        note = (f"no trained weights in {path}: timing a RANDOMLY INITIALISED model ({weights}); "
-                "the cost of a step depends on the shapes, not on the weights")
-    cfg = model.config
-    info = {"path": str(path), "weights": weights, "model_type": cfg.model_type,
-            "parameters": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers,
-            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "backend": getattr(model, "refine_tta_backend", None),
-            "fingerprint": fingerprint_model(model).to_dict()}
-    if weights == "trained":
-        info["training_step"] = _training_step(path)
-    return model, tok, info, note
-
-
-def _training_step(path: Path) -> int | None:
-    """The optimizer step of the checkpoint, from the training script's log beside the weights."""
-    import json
-
-    try:
-        return int(json.loads((path / "training_log.json").read_text())["steps"][-1]["step"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
-
-
-def _tokenizer_or_none(path: Path):
-    if not (path / "tokenizer.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
+# --- documents -------------------------------------------------------------------------------
 
 def document(tok, texts: list[str], L: int, vocab: int, device: str):
     """[1, L] ids of held-out prose (BOS first); random ids only when there is no tokenizer."""
@@ -218,6 +151,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="model directory (random init from its config.json if it has no weights)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer directory when --model has none (e.g. models/refine-tiny-deltanet)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lengths", type=bc.int_list, default=[1024, 4096], help="document lengths (1024,4096,8192)")
     p.add_argument("--ns", type=bc.int_list, default=[1, 4], help="rollouts per position")
@@ -243,7 +178,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok, info, note = load_or_init(args.model, args.device)
+    model, tok, info, note = bc.load_or_init(args.model, args.device, args.tokenizer)
     result = bc.new_result("adapt_step", args.device)
     result["model"] = info
     if note:

@@ -34,6 +34,11 @@ SECTIONS = {
     "ruler": "python -m benchmarks.ruler",
     "latency": "python -m benchmarks.latency",
     "load": "python -m benchmarks.load",
+    "latency_lact": "python -m benchmarks.latency --model benchmarks/configs/lact-small --tokenizer "
+                    "models/refine-tiny-deltanet --lengths 1024,4096,8192 --out benchmarks/results/latency_lact.json",
+    "adapt_step_lact": "python -m benchmarks.adapt_step --model benchmarks/configs/lact-small --tokenizer "
+                       "models/refine-tiny-deltanet --lengths 1024 --ns 1,4 --repeats 1 "
+                       "--out benchmarks/results/adapt_step_lact.json",
     "gpu": "bash benchmarks/gpu.sh   # on a CUDA machine",
 }
 MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import latency, quality, report
+from benchmarks import adapt_step, latency, quality, report
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "models" / "refine-tiny-deltanet"
@@ -103,6 +103,25 @@ def test_latency_smoke(micro_model, tmp_path):
     assert {"read_s", "ttft_s", "tokens_per_s", "state_bytes"} <= set(row["state"])
     assert {"ttft_s", "tokens_per_s"} <= set(row["reread"])
     assert row["state"]["state_bytes"] == result["rows"][1]["state"]["state_bytes"]  # state size is length-free
+
+
+LACT_CONFIG = REPO / "benchmarks" / "configs" / "lact-small"
+
+
+def test_latency_and_adapt_step_accept_the_lact_config(tmp_path):
+    """The small LaCT configuration (config.json only: random weights) with the shipped tokenizer."""
+    out = tmp_path / "latency.json"
+    assert latency.main(["--model", str(LACT_CONFIG), "--tokenizer", str(TOKENIZER_DIR), "--lengths", "64",
+                         "--reps", "1", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    result = read_result(out)
+    assert result["model"]["model_type"] == "lact_swiglu" and result["model"]["weights"] != "trained"
+    assert result["rows"][0]["state"]["state_bytes"] > 0
+    out = tmp_path / "adapt_step.json"
+    assert adapt_step.main(["--model", str(LACT_CONFIG), "--tokenizer", str(TOKENIZER_DIR), "--lengths", "96",
+                            "--ns", "1", "--n-chunks", "2", "--repeats", "1", "--out", str(out)]) == 0
+    result = read_result(out)
+    assert result["model"]["model_type"] == "lact_swiglu"
+    assert result["rows"][0]["branch_s"] > 0 and result["rows"][0]["reference_s"] > 0
 
 
 def test_report_renders_results(quality_out, tmp_path):

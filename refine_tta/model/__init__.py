@@ -1,4 +1,4 @@
-"""Tier 1: loading fla models, their kernel backend, document states, reading and generation.
+"""Tier 1: loading fla models and LaCT, their kernel backend, document states, reading and generation.
 
 Importing this package does not import fla (that happens in ``load_model``).
 """
@@ -14,10 +14,10 @@ from refine_tta.model.loading import (
     prepare_model,
 )
 from refine_tta.model.runtime import ReadOutput, read, read_document
-from refine_tta.model.state import DocumentState, LayerState
+from refine_tta.model.state import CacheAdapter, DocumentState, LayerState, NamedLayerState, cache_adapter
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "DocumentState", "GenerationResult", "LayerState", "LoadedModel", "ModelFingerprint",
-    "ModelLoadError", "ReadOutput", "SamplingConfig", "fingerprint_model", "generate", "load_model",
-    "prepare_model", "read", "read_document", "sample_next",
+    "SUPPORTED_MODEL_TYPES", "CacheAdapter", "DocumentState", "GenerationResult", "LayerState", "LoadedModel",
+    "ModelFingerprint", "ModelLoadError", "NamedLayerState", "ReadOutput", "SamplingConfig", "cache_adapter",
+    "fingerprint_model", "generate", "load_model", "prepare_model", "read", "read_document", "sample_next",
 ]

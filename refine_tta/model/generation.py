@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 
 from refine_tta.model.runtime import read
-from refine_tta.model.state import DocumentState
+from refine_tta.model.state import DocumentState, cache_adapter
 
 
 # Below this, logits / T overflows fp32; use 0 for greedy decoding.
@@ -100,9 +100,9 @@ def generate(
     t0 = time.perf_counter()
     if prompt_ids:
         out = read(model, torch.tensor([prompt_ids], device=device), state, only_last_logits=True)
-        logits, cache = out.logits[:, -1], out.state.to_cache()
+        logits, cache = out.logits[:, -1], cache_adapter(model).to_cache(out.state)
     else:
-        logits, cache = state.next_logits, state.to_cache()
+        logits, cache = state.next_logits, cache_adapter(model).to_cache(state)
     tokens: list[int] = []
     emitted = ""
     finish, ttft = "length", 0.0

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from refine_tta.model.state import DocumentState
+from refine_tta.model.state import DocumentState, cache_adapter
 
 
 @dataclass
@@ -35,13 +35,14 @@ def read(
     state = state or DocumentState.empty()
     if not state.is_empty and state.batch_size != input_ids.shape[0]:
         raise ValueError(f"state batch {state.batch_size} != input batch {input_ids.shape[0]}")
-    cache = state.to_cache()
+    adapter = cache_adapter(model)
+    cache = adapter.to_cache(state)
     out = model.model(input_ids=input_ids, past_key_values=cache, use_cache=True, return_dict=True)
     hidden = out.last_hidden_state
     logits = model.lm_head(hidden[:, -1:] if only_last_logits else hidden)
     # A copy, not a view: a view of fp32 logits would keep the whole [B, T, V] tensor alive in the state.
     next_logits = logits[:, -1].to(torch.float32, copy=True)
-    new_state = DocumentState.from_cache(out.past_key_values, state.n_tokens + input_ids.shape[1], next_logits)
+    new_state = adapter.from_cache(out.past_key_values, state.n_tokens + input_ids.shape[1], next_logits)
     return ReadOutput(logits, hidden, new_state)
 
 
