@@ -33,38 +33,39 @@ from benchmarks import common as bc  # noqa: E402
 PROMPT = "\n\nQuestion: What is the access code for the north gate? Answer:"
 
 
-def time_state_path(model, doc_ids, prompt_ids, sampling, decode, eos) -> dict:
+def time_state_path(model, doc_ids, prompt_ids, sampling, codec) -> dict:
     """(a): read the document once, then answer from the state."""
     import torch
 
-    from refine_tta.model import generate, read_document
+    from refine_tta.engine.text import generate_text
+    from refine_tta.model import read_document
 
     device = next(model.parameters()).device
     t = time.perf_counter()
     state = read_document(model, torch.tensor([doc_ids], device=device))
     read_s = time.perf_counter() - t
-    g = generate(model, state, prompt_ids, sampling, decode, eos)
+    g = generate_text(model, state, prompt_ids, sampling, codec)
     return {"read_s": read_s, "ttft_s": g.ttft_s, "tokens_per_s": g.tokens_per_s, "text": g.text,
             "state_bytes": state.nbytes, "n_generated": len(g.tokens)}
 
 
-def time_reread_path(model, doc_ids, prompt_ids, sampling, decode, eos) -> dict:
+def time_reread_path(model, doc_ids, prompt_ids, sampling, codec) -> dict:
     """(b): read document + prompt from nothing for the query."""
-    from refine_tta.model import DocumentState, generate
+    from refine_tta.engine.text import generate_text
+    from refine_tta.model import DocumentState
 
-    g = generate(model, DocumentState.empty(), doc_ids + prompt_ids, sampling, decode, eos)
+    g = generate_text(model, DocumentState.empty(), doc_ids + prompt_ids, sampling, codec)
     return {"ttft_s": g.ttft_s, "tokens_per_s": g.tokens_per_s, "text": g.text, "n_generated": len(g.tokens)}
 
 
 def measure_length(loaded, texts, length: int, reps: int, max_new_tokens: int) -> dict:
-    from refine_tta.model import SamplingConfig
+    from refine_tta.engine.text import SamplingConfig, TextCodec
 
     tok = loaded.tokenizer
     doc_ids = bc.prose_ids(tok, texts, length, seed=f"latency:{length}")
     prompt_ids = tok.encode(PROMPT, add_special_tokens=False)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
-    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
-    args = (loaded.model, doc_ids, prompt_ids, sampling, decode, tok.eos_token_id)
+    args = (loaded.model, doc_ids, prompt_ids, sampling, TextCodec(tok))
     time_state_path(*args)  # warm-up (allocator, first-call overheads)
     state_runs = [time_state_path(*args) for _ in range(reps)]
     reread_runs = [time_reread_path(*args) for _ in range(reps)]

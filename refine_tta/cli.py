@@ -55,7 +55,7 @@ def _adapt_and_answer(loaded, document: str, question: str, args, label: str):
     import torch
     from tqdm import tqdm
 
-    from refine_tta.model import SamplingConfig, generate
+    from refine_tta.engine.text import SamplingConfig, TextCodec, generate_text
     from refine_tta.refine.loop import adapt
 
     tok = loaded.tokenizer
@@ -70,9 +70,8 @@ def _adapt_and_answer(loaded, document: str, question: str, args, label: str):
     result = adapt(loaded.model, ids, cfg, on_step=on_step)
     bar.close()
     prompt = tok.encode(question, add_special_tokens=False)
-    with result.delta.applied(loaded.model):
-        gen = generate(loaded.model, result.state, prompt, SamplingConfig(max_new_tokens=args.max_tokens, stop=("\n",)),
-                       lambda t: tok.decode(t, skip_special_tokens=True), tok.eos_token_id)
+    gen = generate_text(loaded.model, result.state, prompt, SamplingConfig(max_new_tokens=args.max_tokens, stop=("\n",)),
+                        TextCodec(tok), weights=result.delta)
     return result, gen
 
 

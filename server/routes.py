@@ -18,8 +18,15 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from refine_tta.engine import Engine, InvalidSettings, NotFound, Unavailable, is_session_id
-from refine_tta.model.generation import GenerationResult, SamplingConfig
+from refine_tta.engine import (
+    Engine,
+    GenerationResult,
+    InvalidSettings,
+    NotFound,
+    SamplingConfig,
+    Unavailable,
+    is_session_id,
+)
 from refine_tta.refine.config import RefineConfig
 from server.errors import describe
 from server.metrics import CONTENT_TYPE

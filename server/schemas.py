@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from refine_tta.engine import Session
-from refine_tta.model.generation import GenerationResult
+from refine_tta.engine import GenerationResult
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 MAX_SEED = 2**63 - 1

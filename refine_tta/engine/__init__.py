@@ -20,9 +20,11 @@ from refine_tta.engine.errors import (
     Unavailable,
 )
 from refine_tta.engine.sessions import Session, SessionStore, is_session_id, new_session_id
+from refine_tta.engine.text import GenerationResult, SamplingConfig, TextCodec, generate_text
 
 __all__ = [
     "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
-    "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull", "Session", "SessionStore",
-    "Unavailable", "is_session_id", "jsonable", "new_session_id",
+    "GenerationResult", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull",
+    "SamplingConfig", "Session", "SessionStore", "TextCodec", "Unavailable", "generate_text", "is_session_id",
+    "jsonable", "new_session_id",
 ]

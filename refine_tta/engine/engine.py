@@ -11,12 +11,11 @@ done, the caller may retry). Input checks that need no model (token counts again
 caller's thread, so a bad request fails before it takes a queue slot.
 
 No HTTP, no JSON parsing here: documents and prompts are text, settings are
-:class:`~refine_tta.refine.config.RefineConfig` / :class:`~refine_tta.model.SamplingConfig`.
+:class:`~refine_tta.refine.config.RefineConfig` / :class:`~refine_tta.engine.text.SamplingConfig`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -32,7 +31,7 @@ import torch
 
 from refine_tta.engine.errors import Cancelled, EngineError, InvalidSettings, LimitExceeded, QueueFull, Unavailable
 from refine_tta.engine.sessions import Session, SessionStore
-from refine_tta.model.generation import MIN_TEMPERATURE, GenerationResult, SamplingConfig, generate
+from refine_tta.engine.text import MIN_TEMPERATURE, GenerationResult, SamplingConfig, TextCodec, generate_text
 from refine_tta.model.loading import LoadedModel
 from refine_tta.model.state import DocumentState
 from refine_tta.refine.config import RefineConfig
@@ -164,39 +163,6 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-class _Codec:
-    """Text <-> token ids with the model's tokenizer, safe to call from several threads.
-
-    Uses the Rust ``tokenizers.Tokenizer`` behind a fast tokenizer directly (its encode/decode only
-    borrow it immutably; the transformers wrapper reconfigures truncation on every call, which
-    fails under concurrent use). ``add_special_tokens=True`` adds BOS exactly as ``tokenizer(text)``.
-    """
-
-    def __init__(self, tokenizer: Any):
-        if tokenizer is None:
-            raise ValueError("the engine needs a model loaded with its tokenizer")
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._tokenizer = tokenizer
-        self._lock = threading.Lock()  # only for slow (Python) tokenizers
-        self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # lone surrogates, e.g. from a JSON "\ud800"
-            raise InvalidSettings(f"text is not valid Unicode: {exc.reason} at position {exc.start}") from None
-        if self._backend is not None:
-            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
-        with self._lock:
-            return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        if self._backend is not None:
-            return self._backend.decode(ids, skip_special_tokens=True)
-        with self._lock:
-            return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-
 class Engine:
     """Owns ``loaded`` (the model) and the session store; runs all model work on one thread.
 
@@ -218,7 +184,7 @@ class Engine:
         self.limits = limits
         self.retry_after = retry_after
         self._adapt_fn = adapt_fn
-        self._codec = _Codec(loaded.tokenizer)
+        self._codec = TextCodec(loaded.tokenizer)
         self._queue: queue.Queue[JobHandle | None] = queue.Queue(maxsize=limits.queue_size)
         self._lock = threading.Lock()
         self._inflight: set[JobHandle] = set()
@@ -447,10 +413,9 @@ class Engine:
         else:
             session = self.sessions.get(job.session_id, job.owner)
             state, delta = session.state, session.delta
-        applied = delta.applied(self.loaded.model) if delta is not None and delta.tensors else contextlib.nullcontext()
-        with applied:
-            result = generate(self.loaded.model, state, job.prompt_ids, job.sampling, self._codec.decode,
-                              self._codec.eos_token_id, self._guarded(job.on_text, "on_text"), handle.should_stop)
+        weights = delta if delta is not None and delta.tensors else None
+        result = generate_text(self.loaded.model, state, job.prompt_ids, job.sampling, self._codec, weights,
+                               self._guarded(job.on_text, "on_text"), handle.should_stop)
         self._count(generations_total=1, generated_tokens_total=len(result.tokens),
                     generation_seconds_total=result.total_s)
         if result.finish_reason == "cancelled":
