@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import latency, quality, report
+from benchmarks import decode_batch, latency, quality, report
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "models" / "refine-tiny-deltanet"
@@ -103,6 +103,16 @@ def test_latency_smoke(micro_model, tmp_path):
     assert {"read_s", "ttft_s", "tokens_per_s", "state_bytes"} <= set(row["state"])
     assert {"ttft_s", "tokens_per_s"} <= set(row["reread"])
     assert row["state"]["state_bytes"] == result["rows"][1]["state"]["state_bytes"]  # state size is length-free
+
+
+def test_decode_batch_smoke(micro_model, tmp_path):
+    out = tmp_path / "decode_batch.json"
+    assert decode_batch.main(["--model", str(micro_model), "--sessions", "1,3", "--doc-tokens", "64", "--reps", "1",
+                              "--max-new-tokens", "4", "--out", str(out)]) == 0
+    result = read_result(out)
+    assert [r["sessions"] for r in result["rows"]] == [1, 3]
+    assert all(r["same_tokens"] for r in result["rows"])
+    assert result["rows"][1]["generated_tokens"] == 3 * 4 and result["rows"][1]["batched_steps"] == 4
 
 
 def test_report_renders_results(quality_out, tmp_path):
