@@ -5,10 +5,19 @@ Callers (the HTTP server, scripts, tests) never touch the model. They submit job
 the job's result or its exception, and ``handle.cancel()`` sets a flag the worker checks before
 starting the job and, through ``should_stop``, between adaptation steps and generated tokens.
 
-Jobs wait in a bounded FIFO; a full queue raises :class:`QueueFull` immediately (nothing was
-done, the caller may retry). Input checks that need no model (token counts against
-:class:`EngineLimits`, impossible settings, unknown sessions) happen in ``submit_*`` on the
-caller's thread, so a bad request fails before it takes a queue slot.
+How the worker schedules (:mod:`refine_tta.engine.scheduler`): generations are decoded together
+in one batch (:class:`~refine_tta.engine.generations.GenerationBatch`; they join and leave at
+token boundaries) on a serving copy of the model that adaptation never trains. Adaptations (and
+other exclusive jobs) run one at a time, and between two adaptation steps the worker decodes the
+pending generations for about as long as a step takes, so a query never waits for a whole
+adaptation and adaptations still progress under a stream of queries. Waiting jobs take turns by
+client.
+
+Jobs wait in a bounded queue; a full queue raises :class:`QueueFull` immediately (nothing was
+done, the caller may retry) with a ``retry_after`` estimated from what is running and waiting.
+Input checks that need no model (token counts against :class:`EngineLimits`, impossible
+settings, unknown sessions) happen in ``submit_*`` on the caller's thread, so a bad request fails
+before it takes a queue slot.
 
 No HTTP, no JSON parsing here: documents and prompts are text, settings are
 :class:`~refine_tta.refine.config.RefineConfig` / :class:`~refine_tta.engine.text.SamplingConfig`.
@@ -16,6 +25,7 @@ No HTTP, no JSON parsing here: documents and prompts are text, settings are
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -30,8 +40,10 @@ from typing import Any, Protocol
 import torch
 
 from refine_tta.engine.errors import Cancelled, EngineError, InvalidSettings, LimitExceeded, QueueFull, Unavailable
+from refine_tta.engine.generations import Finished, GenerationBatch, GenerationRequest
+from refine_tta.engine.scheduler import JobQueue, Stopwatch, Timings, retry_after_s
 from refine_tta.engine.sessions import Session, SessionStore
-from refine_tta.engine.text import MIN_TEMPERATURE, GenerationResult, SamplingConfig, TextCodec, generate_text
+from refine_tta.engine.text import MIN_TEMPERATURE, SamplingConfig, TextCodec
 from refine_tta.model.loading import LoadedModel
 from refine_tta.model.state import DocumentState
 from refine_tta.refine.config import RefineConfig
@@ -74,6 +86,7 @@ class EngineMetrics:
     generations_total: int
     generated_tokens_total: int
     generation_seconds_total: float
+    decode_steps_total: int
     cancelled_total: int
     failed_total: int
     rejected_total: int
@@ -108,7 +121,8 @@ class JobHandle:
 
 
 class Job(Protocol):
-    """Work for the worker thread. ``run`` is called on the worker with the engine and the handle."""
+    """Exclusive work for the worker thread (besides the engine's own :class:`AdaptJob` and
+    :class:`GenerateJob`): ``run`` is called on the worker with the engine and the handle."""
 
     kind: str
 
@@ -125,14 +139,11 @@ class AdaptJob:
     on_progress: Callable[[dict[str, Any]], None] | None = None
     kind: str = "adapt"
 
-    def run(self, engine: Engine, handle: JobHandle) -> Session:
-        return engine._run_adapt(self, handle)
-
 
 @dataclass
 class GenerateJob:
     """Complete ``prompt_ids`` after a session's document (None: base model, nothing read)
-    -> :class:`~refine_tta.model.GenerationResult`."""
+    -> :class:`~refine_tta.engine.text.GenerationResult`."""
 
     session_id: str | None
     prompt_ids: list[int]
@@ -140,9 +151,6 @@ class GenerateJob:
     owner: str | None
     on_text: Callable[[str, int], None] | None = None
     kind: str = "generate"
-
-    def run(self, engine: Engine, handle: JobHandle) -> GenerationResult:
-        return engine._run_generate(self, handle)
 
 
 def jsonable(value: Any) -> Any:
@@ -167,7 +175,9 @@ class Engine:
     """Owns ``loaded`` (the model) and the session store; runs all model work on one thread.
 
     adapt_fn: the adaptation loop (default :func:`refine_tta.refine.loop.adapt`).
-    retry_after: seconds suggested to callers when the queue is full.
+    retry_after: the least ``retry_after`` suggested when the queue is full (the estimate from the
+    queue's contents is used when it is longer).
+    max_batch: how many generations decode together at most.
     """
 
     def __init__(
@@ -178,14 +188,24 @@ class Engine:
         *,
         adapt_fn: AdaptFn | None = None,
         retry_after: float = 1.0,
+        max_batch: int = 32,
     ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.loaded = loaded
         self.sessions = sessions
         self.limits = limits
         self.retry_after = retry_after
         self._adapt_fn = adapt_fn
         self._codec = TextCodec(loaded.tokenizer)
-        self._queue: queue.Queue[JobHandle | None] = queue.Queue(maxsize=limits.queue_size)
+        self.max_batch = max_batch
+        self._queue = JobQueue(limits.queue_size, lane_of=lambda h: "generate" if isinstance(h.job, GenerateJob)
+                               else "exclusive", owner_of=lambda h: getattr(h.job, "owner", None))
+        self._batch: GenerationBatch | None = None  # built on the worker's start (it copies the model)
+        self._timings = Timings()
+        self._adapt_steps_left: int | None = None  # of the running adaptation (read by submit's estimate)
+        self._decoding = 0  # generations in the batch now (published by the worker)
+        self._min_tokens_left: int | None = None
         self._lock = threading.Lock()
         self._inflight: set[JobHandle] = set()
         self._running: JobHandle | None = None
@@ -193,12 +213,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._counters = {"adaptations_total": 0, "adaptation_steps_total": 0, "adaptation_seconds_total": 0.0,
                           "generations_total": 0, "generated_tokens_total": 0, "generation_seconds_total": 0.0,
+                          "decode_steps_total": 0,
                           "cancelled_total": 0, "failed_total": 0, "rejected_total": 0}
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> Engine:
         if self._thread is not None:
             raise RuntimeError("engine already started")
+        # Generations decode on a copy of the model that adaptation never trains, so they can run
+        # between the steps of an adaptation (which changes the weights of ``loaded.model``).
+        serving = copy.deepcopy(self.loaded.model)
+        serving.requires_grad_(False)
+        self._batch = GenerationBatch(serving, self._codec)
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="refine-tta-worker", daemon=True)
         self._thread.start()
@@ -296,15 +322,23 @@ class Engine:
                 self._queue.put_nowait(handle)
             except queue.Full:
                 self._counters["rejected_total"] += 1
-                raise QueueFull(self.limits.queue_size, self.retry_after) from None
+                raise QueueFull(self.limits.queue_size, self.retry_after_estimate()) from None
             self._inflight.add(handle)
         return handle
+
+    def retry_after_estimate(self) -> float:
+        """Seconds until the full queue is expected to have room (at least ``retry_after``)."""
+        return retry_after_s(timings=self._timings, waiting_exclusive=self._queue.waiting("exclusive"),
+                             waiting_generate=self._queue.waiting("generate"),
+                             adapt_steps_left=self._adapt_steps_left, decoding=self._decoding,
+                             batch_room=self.max_batch - self._decoding, min_tokens_left=self._min_tokens_left,
+                             floor=self.retry_after)
 
     # ---------------------------------------------------------------------------------- metrics
     def metrics(self) -> EngineMetrics:
         with self._lock:
             counters = dict(self._counters)
-            running = int(self._running is not None)
+            running = int(self._running is not None) + self._decoding
         return EngineMetrics(queue_depth=self._queue.qsize(), running=running, sessions=len(self.sessions),
                              sessions_loaded=self.sessions.loaded_count, session_bytes=self.sessions.memory_bytes,
                              session_disk_bytes=self.sessions.disk_bytes, **counters)
@@ -316,26 +350,107 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- worker
     def _work(self) -> None:
-        while True:
-            handle = self._queue.get()
-            if handle is None:
-                return
-            if not handle.future.set_running_or_notify_cancel():  # cancelled through the future
+        """Start waiting generations, run an exclusive job if one waits (generations are decoded
+        between its steps), else decode one token for every running generation, else sleep."""
+        try:
+            while not self._queue.closed:
+                self._admit_generations()
+                exclusive = self._queue.take("exclusive")
+                if exclusive:
+                    self._run_exclusive(exclusive[0])
+                elif self._decoding:
+                    self._decode_step()
+                else:
+                    self._queue.wait()
+        finally:
+            for finished in self._batch.cancel_all(Cancelled("the server is shutting down")):
+                self._finish_generation(finished)
+            self._batch.release()
+            self._publish_batch()
+
+    def _run_exclusive(self, handle: JobHandle) -> None:
+        if not handle.future.set_running_or_notify_cancel():  # cancelled through the future
+            self._finish(handle)
+            return
+        if handle.cancelled:
+            self._finish(handle, exc=Cancelled("cancelled before it started"))
+            return
+        with self._lock:
+            self._running = handle
+        try:
+            job = handle.job
+            result = self._run_adapt(job, handle) if isinstance(job, AdaptJob) else job.run(self, handle)
+        except Exception as exc:  # delivered to the caller through the future
+            if not isinstance(exc, EngineError):
+                log.exception("%s job failed", handle.job.kind)
+            self._finish(handle, exc=exc)
+        else:
+            self._finish(handle, result=result)
+
+    def _admit_generations(self) -> None:
+        """Move waiting generations into the batch (prefilling their prompts), as room allows."""
+        requests = []
+        for handle in self._queue.take("generate", self.max_batch - self._decoding):
+            if not handle.future.set_running_or_notify_cancel():
                 self._finish(handle)
                 continue
             if handle.cancelled:
                 self._finish(handle, exc=Cancelled("cancelled before it started"))
                 continue
-            with self._lock:
-                self._running = handle
+            job: GenerateJob = handle.job
             try:
-                result = handle.job.run(self, handle)
-            except Exception as exc:  # delivered to the caller through the future
-                if not isinstance(exc, EngineError):
-                    log.exception("%s job failed", handle.job.kind)
+                state, weights = self._session_memory(job)
+            except EngineError as exc:  # e.g. the session was deleted while the job waited
                 self._finish(handle, exc=exc)
-            else:
-                self._finish(handle, result=result)
+                continue
+            requests.append(GenerationRequest(handle, state, weights, job.prompt_ids, job.sampling, job.on_text,
+                                              handle.should_stop))
+        if requests:
+            try:
+                self._batch.admit(requests)
+            except Exception as exc:  # nothing of these joined the batch
+                log.exception("prefilling %d generations failed", len(requests))
+                for r in requests:
+                    self._finish(r.key, exc=exc)
+        self._publish_batch()
+
+    def _session_memory(self, job: GenerateJob) -> tuple[DocumentState, Any]:
+        """The state to continue from and the weights to decode with (None: the base model)."""
+        if job.session_id is None:
+            return DocumentState.empty(), None
+        session = self.sessions.get(job.session_id, job.owner)
+        delta = session.delta
+        return session.state, (delta if delta is not None and delta.tensors else None)
+
+    def _decode_step(self) -> None:
+        """One token for every running generation; those that ended are answered."""
+        t = time.perf_counter()
+        finished = self._batch.step()
+        self._timings.observe_decode_step(time.perf_counter() - t)
+        self._count(decode_steps_total=1)
+        for f in finished:
+            self._finish_generation(f)
+        self._publish_batch()
+
+    def _decode_for(self, seconds: float) -> None:
+        """Decode waiting and running generations for about ``seconds`` (or until none is left)."""
+        deadline = time.perf_counter() + seconds
+        while True:
+            self._admit_generations()
+            if not self._decoding:
+                return
+            self._decode_step()
+            if time.perf_counter() >= deadline:
+                return
+
+    def _publish_batch(self) -> None:
+        """What other threads may read about the batch (for metrics and Retry-After)."""
+        self._decoding = len(self._batch)
+        self._min_tokens_left = self._batch.min_tokens_left()
+
+    def _finish_generation(self, f: Finished) -> None:
+        self._count(generations_total=1, generated_tokens_total=f.tokens, generation_seconds_total=f.seconds)
+        self._finish(f.key, result=f.result, exc=f.error)
 
     def _finish(self, handle: JobHandle, result: Any = None, exc: BaseException | None = None) -> None:
         with self._lock:
@@ -385,17 +500,32 @@ class Engine:
 
         def on_step(step: dict[str, Any]) -> None:
             self._count(adaptation_steps_total=1)
+            self._adapt_steps_left = max(0, job.config.steps - int(step.get("step", 0)))
             if on_progress is not None:
                 on_progress(jsonable(step))
 
+        watch = Stopwatch()
+
+        def between_steps() -> bool:
+            """Polled before every step and after the last: decode pending generations for about
+            one step's time (the step's own duration is measured from here to the next call)."""
+            step_s = watch.lap()
+            if step_s is not None:
+                self._timings.observe_adapt_step(step_s)
+            self._decode_for(self._timings.adapt_step_s)
+            watch.lap()
+            return handle.should_stop()
+
         ids = torch.tensor([job.document_ids], dtype=torch.long, device=self.loaded.device)
         try:
-            result = adapt(self.loaded.model, ids, job.config, on_step=on_step, should_stop=handle.should_stop)
+            self._adapt_steps_left = job.config.steps
+            result = adapt(self.loaded.model, ids, job.config, on_step=on_step, should_stop=between_steps)
         except AdaptCancelled as exc:
             raise Cancelled("adaptation cancelled") from exc
         except ValueError as exc:  # model-dependent settings, e.g. layers out of range, unknown lora targets
             raise InvalidSettings(str(exc)) from exc
         finally:
+            self._adapt_steps_left = None
             self._count(adaptation_seconds_total=time.perf_counter() - t0)
         if handle.cancelled:  # cancelled after the last step: do not store what nobody will see
             raise Cancelled("adaptation cancelled")
@@ -406,18 +536,3 @@ class Engine:
         log.info("adapted %d tokens -> %s (%d state + %d delta bytes) in %.2f s", len(job.document_ids), stored.id,
                  stored.state_bytes, stored.delta_bytes, time.perf_counter() - t0)
         return stored
-
-    def _run_generate(self, job: GenerateJob, handle: JobHandle) -> GenerationResult:
-        if job.session_id is None:
-            state, delta = DocumentState.empty(), None
-        else:
-            session = self.sessions.get(job.session_id, job.owner)
-            state, delta = session.state, session.delta
-        weights = delta if delta is not None and delta.tensors else None
-        result = generate_text(self.loaded.model, state, job.prompt_ids, job.sampling, self._codec, weights,
-                               self._guarded(job.on_text, "on_text"), handle.should_stop)
-        self._count(generations_total=1, generated_tokens_total=len(result.tokens),
-                    generation_seconds_total=result.total_s)
-        if result.finish_reason == "cancelled":
-            raise Cancelled("generation cancelled")
-        return result

@@ -194,6 +194,7 @@ class BatchDecoder:
                                                  Weights | None]]) -> list[Sequence]:
         """Prefill several sequences; those with the same weights, prompt length and state emptiness
         are read as one batch. Each request: (key, state, prompt_ids, sampling, weights)."""
+        t0 = time.perf_counter()  # time to first token counts from here (the prompt's read included)
         requests = list(requests)
         keys = [r[0] for r in requests]
         if len(set(keys)) != len(keys) or any(k in self._sequences for k in keys):
@@ -206,7 +207,7 @@ class BatchDecoder:
             if state.batch_size != 1:
                 raise ValueError(f"sequence {key!r}: state must have batch 1, got {state.batch_size}")
             batches.setdefault((id(weights), len(prompt), state.is_empty), []).append(i)
-        added: list[Sequence | None] = [None] * len(requests)
+        added: list[tuple[Sequence, DocumentState] | None] = [None] * len(requests)
         for (_, n_prompt, empty), members in batches.items():
             weights = requests[members[0]][4]
             states = [requests[i][1] or DocumentState.empty() for i in members]
@@ -221,10 +222,10 @@ class BatchDecoder:
             for row, i in enumerate(members):
                 key, _, prompt, sampling, _ = requests[i]
                 gen = torch.Generator(device=self.device).manual_seed(sampling.seed)
-                seq = Sequence(key, sampling, weights, gen, len(prompt))
-                self._join(seq, state.select(row))
-                added[i] = seq
-        return added  # type: ignore[return-value]
+                added[i] = (Sequence(key, sampling, weights, gen, len(prompt), started=t0), state.select(row))
+        for seq, state in added:  # all prefilled: join together (nothing joins if a prefill failed)
+            self._join(seq, state)
+        return [seq for seq, _ in added]
 
     def _join(self, seq: Sequence, state: DocumentState) -> None:
         """Append a prefilled sequence (batch-1 state with next_logits) as a new row of its group."""
