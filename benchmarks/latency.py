@@ -4,11 +4,11 @@ What is measured, per document length (512 to 8K tokens of held-out prose):
 
 * (a) **state** -- the product's path: the document is read once into a ``DocumentState``
   (``read_document``, timed separately as "read once"), then each query is answered from that
-  state: ``generate(model, state, prompt_ids)``;
+  state: ``generate_text(model, state, prompt_ids, ...)``;
 * (b) **re-read** -- what a model without saved state does: every query re-reads the document
-  with the prompt, ``generate(model, DocumentState.empty(), document_ids + prompt_ids)``.
+  with the prompt, ``generate_text(model, DocumentState.empty(), document_ids + prompt_ids, ...)``.
 
-Both go through ``refine_tta.model.generate``, greedy, ``--max-new-tokens`` tokens without
+Both go through ``refine_tta.engine.text.generate_text``, greedy, ``--max-new-tokens`` tokens without
 stopping early. Time to first token (TTFT) is from the call to the first sampled token (reading
 the prompt, plus the document for (b)); decode speed is tokens/s after the first token. Each
 figure is the median of ``--reps`` repetitions after one warm-up. The table also checks that

@@ -33,6 +33,7 @@ SECTIONS = {
     "adapt_step": "python -m benchmarks.adapt_step",
     "ruler": "python -m benchmarks.ruler",
     "latency": "python -m benchmarks.latency",
+    "decode_batch": "python -m benchmarks.decode_batch",
     "load": "python -m benchmarks.load",
     "gpu": "bash benchmarks/gpu.sh   # on a CUDA machine",
 }
