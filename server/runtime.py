@@ -20,8 +20,8 @@ from server.settings import ServerSettings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from refine_tta.engine import Engine
-    from refine_tta.model.loading import LoadedModel
+    from refine_tta.engine import Engine, LoadedModel
+    from server.serving import Serving
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def resolve_device(requested: str) -> tuple[str, str]:
 
 def load_for_settings(settings: ServerSettings) -> LoadedModel:
     """Load ``settings.model`` on the configured device (logged with the reason)."""
-    from refine_tta.model.loading import load_model
+    from refine_tta.engine import load_model
 
     device, reason = resolve_device(settings.device)
     log.info("loading %s on %s (%s)", settings.model, device, reason)
@@ -60,6 +60,7 @@ class Runtime:
         self.settings = settings
         self.loader = loader or load_for_settings
         self.engine: Engine | None = None
+        self.serving: Serving | None = None  # the routes' object, once the engine runs
         self.error: str | None = None
         self.started_at = time.time()
         self._closing = False
@@ -92,7 +93,10 @@ class Runtime:
         if self._closing:
             engine.stop()
             return
+        from server.serving import Serving
+
         self.engine = engine
+        self.serving = Serving(engine, s.adapt_defaults, self.started_at)
         log.info("ready: %s on %s (%d sessions on disk)", loaded.name, loaded.device, len(store))
 
     @asynccontextmanager
@@ -103,6 +107,6 @@ class Runtime:
         finally:
             self._closing = True
             await loading  # a thread cannot be interrupted; loading ends on its own
-            engine, self.engine = self.engine, None
+            engine, self.engine, self.serving = self.engine, None, None
             if engine is not None:
                 await asyncio.to_thread(engine.stop)

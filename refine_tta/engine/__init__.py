@@ -1,4 +1,8 @@
-"""Tier 3: sessions and the engine (the one worker thread that owns the device). No HTTP here."""
+"""Tier 3: sessions and the engine (the one worker thread that owns the device). No HTTP here.
+
+This package is the public surface the server uses: the engine, its jobs and errors, sessions,
+the text layer's types, and what it takes to build an engine (``load_model``, ``RefineConfig``
+and its presets)."""
 
 from refine_tta.engine.engine import (
     AdaptJob,
@@ -21,10 +25,12 @@ from refine_tta.engine.errors import (
 )
 from refine_tta.engine.sessions import Session, SessionStore, is_session_id, new_session_id
 from refine_tta.engine.text import GenerationResult, SamplingConfig, TextCodec, generate_text
+from refine_tta.model.loading import LoadedModel, load_model
+from refine_tta.refine.config import PRESETS, RefineConfig, preset
 
 __all__ = [
     "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
-    "GenerationResult", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull",
-    "SamplingConfig", "Session", "SessionStore", "TextCodec", "Unavailable", "generate_text", "is_session_id",
-    "jsonable", "new_session_id",
+    "GenerationResult", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LoadedModel", "NotFound", "PRESETS",
+    "QueueFull", "RefineConfig", "SamplingConfig", "Session", "SessionStore", "TextCodec", "Unavailable",
+    "generate_text", "is_session_id", "jsonable", "load_model", "new_session_id", "preset",
 ]
