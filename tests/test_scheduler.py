@@ -260,3 +260,23 @@ def test_queue_full_retry_after_is_estimated_from_the_running_adaptation(loaded,
         # ~27 steps left at ~0.4 s each: far more than the 1 s floor, and not more than the whole adaptation
         assert 5 <= info.value.retry_after <= 31 * 0.4 * 3
         running.cancel()
+
+
+def test_a_failing_step_fails_its_generations_and_the_worker_carries_on(engine, monkeypatch):
+    serving_model = engine._batch.decoder.model  # the worker's serving copy (white-box: inject a fault)
+    calls = {"n": 0}
+    inner = serving_model.lm_head.forward
+
+    def flaky(x):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("device fault")
+        return inner(x)
+
+    monkeypatch.setattr(serving_model.lm_head, "forward", flaky)
+    broken = engine.submit_generate(None, "The keeper", SamplingConfig(max_new_tokens=8, stop_at_eos=False), None)
+    with pytest.raises(RuntimeError, match="device fault"):
+        broken.result(60)
+    fine = engine.submit_generate(None, "The keeper", SamplingConfig(max_new_tokens=8, stop_at_eos=False), None)
+    assert len(fine.result(60).tokens) == 8
+    assert engine.metrics().failed_total == 1

@@ -363,9 +363,8 @@ class Engine:
                 else:
                     self._queue.wait()
         finally:
-            for finished in self._batch.cancel_all(Cancelled("the server is shutting down")):
+            for finished in self._batch.fail_all(Cancelled("the server is shutting down")):
                 self._finish_generation(finished)
-            self._batch.release()
             self._publish_batch()
 
     def _run_exclusive(self, handle: JobHandle) -> None:
@@ -400,7 +399,9 @@ class Engine:
             job: GenerateJob = handle.job
             try:
                 state, weights = self._session_memory(job)
-            except EngineError as exc:  # e.g. the session was deleted while the job waited
+            except Exception as exc:  # e.g. NotFound: the session was deleted while the job waited
+                if not isinstance(exc, EngineError):
+                    log.exception("could not load the session of a generation")
                 self._finish(handle, exc=exc)
                 continue
             requests.append(GenerationRequest(handle, state, weights, job.prompt_ids, job.sampling, job.on_text,
@@ -425,7 +426,11 @@ class Engine:
     def _decode_step(self) -> None:
         """One token for every running generation; those that ended are answered."""
         t = time.perf_counter()
-        finished = self._batch.step()
+        try:
+            finished = self._batch.step()
+        except Exception as exc:  # delivered to every running generation; the worker carries on
+            log.exception("a decoding step failed; ending the %d running generations", self._decoding)
+            finished = self._batch.fail_all(exc)
         self._timings.observe_decode_step(time.perf_counter() - t)
         self._count(decode_steps_total=1)
         for f in finished:

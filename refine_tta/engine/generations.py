@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from refine_tta.engine.errors import Cancelled, EngineError
+from refine_tta.engine.errors import Cancelled
 from refine_tta.engine.text import GenerationResult, SamplingConfig, TextCodec, TextStream
 from refine_tta.model.decoding import BatchDecoder, DecodeResult, Sequence
 from refine_tta.model.state import DocumentState
@@ -43,7 +43,7 @@ class Finished:
 
     key: Hashable
     result: GenerationResult | None
-    error: EngineError | None
+    error: BaseException | None
     tokens: int
     seconds: float
 
@@ -89,20 +89,27 @@ class GenerationBatch:
                 done.append(self._end(event.key, None))
         return done
 
-    def cancel_all(self, error: EngineError) -> list[Finished]:
-        """End every running generation with ``error`` (shutdown)."""
-        return [self._end(k, "cancelled", error) for k in list(self._requests)]
+    def fail_all(self, error: BaseException) -> list[Finished]:
+        """End every running generation with ``error`` (shutdown, or a failed step) and start over
+        with an empty decoder."""
+        done = [Finished(k, None, error, len(seq.tokens), seq.total_s) for k, (_, _, seq) in self._requests.items()]
+        self._requests.clear()
+        try:
+            self.decoder.release()
+        finally:
+            self.decoder = BatchDecoder(self.decoder.model)
+        return done
 
     def release(self) -> None:
         self.decoder.release()
 
-    def _end(self, key: Hashable, reason: str | None, error: EngineError | None = None) -> Finished:
+    def _end(self, key: Hashable, reason: str | None) -> Finished:
         request, stream, seq = self._requests.pop(key)
         if reason is not None:
             self.decoder.finish(key, reason)
         decoded = DecodeResult.of(seq)
         if decoded.finish_reason == "cancelled":
-            return Finished(key, None, error or Cancelled("generation cancelled"), len(decoded.tokens), decoded.total_s)
+            return Finished(key, None, Cancelled("generation cancelled"), len(decoded.tokens), decoded.total_s)
         rest = stream.close()
         if rest:
             _call(request.on_text, rest, decoded.tokens[-1] if decoded.tokens else -1)
