@@ -12,7 +12,6 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
-from refine_tta.engine import Unavailable
 from server.metrics import CONTENT_TYPE
 from server.runtime import Runtime
 from server.schemas import (
@@ -41,7 +40,7 @@ def get_runtime(request: Request) -> Runtime:
 def get_serving(runtime: Runtime = Depends(get_runtime)) -> Serving:
     """The serving object of the running engine; 503 while the model loads (or if it failed to)."""
     if runtime.serving is None:
-        raise Unavailable(runtime.status_message(), retry_after=runtime.retry_after_loading)
+        raise runtime.unavailable()
     return runtime.serving
 
 
@@ -51,7 +50,8 @@ def get_owner(request: Request) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ health
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=Health)
+@router.get("/health", response_model=Health)
+@router.head("/health", response_model=Health, include_in_schema=False)  # one operation id in the schema
 def health(serving: Serving = Depends(get_serving)) -> Health:
     return serving.health()
 

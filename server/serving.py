@@ -94,7 +94,7 @@ class Serving:
             return AdaptResponse.of(await wait_for_job(handle, request))
         return await self._stream(
             lambda on_item: self.engine.submit_adapt(body.document, config, owner, on_item),
-            item=lambda step: {"event": "progress", "data": json.dumps(step)},
+            item=lambda event, data: {"event": event, "data": json.dumps(data)},  # "started", then "progress"
             done=lambda session: [{"event": "done", "data": AdaptResponse.of(session).model_dump_json()}],
             error=lambda exc: {"event": "error", "data": describe(exc).json()})
 

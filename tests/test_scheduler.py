@@ -145,8 +145,8 @@ def test_generation_during_an_adaptation_finishes_first_and_uses_the_base_weight
     submitted: list = []
     sampling = SamplingConfig(max_new_tokens=8, stop_at_eos=False)
 
-    def on_progress(step):
-        if not submitted:  # the adaptation is running (its weights are changed): ask a question now
+    def on_progress(event, data):
+        if event == "progress" and not submitted:  # the adaptation is running (its weights are changed): ask a question now
             handle = engine.submit_generate(None, "The lighthouse", sampling, None)
             handle.future.add_done_callback(lambda _: order.append("generate"))
             submitted.append(handle)
@@ -250,7 +250,7 @@ def test_queue_full_retry_after_is_estimated_from_the_running_adaptation(loaded,
     with Engine(loaded, store, EngineLimits(queue_size=1, max_steps=64), adapt_fn=slow_adapt) as eng:
         steps: list[dict] = []
         running = eng.submit_adapt(doc, RefineConfig(steps=30, n_chunks=4, k=4, edge_margin=8), None,
-                                   on_progress=steps.append)
+                                   on_progress=lambda event, data: steps.append(data) if event == "progress" else None)
         deadline = time.monotonic() + 30
         while len(steps) < 3 and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -5,6 +5,8 @@ the text layer's types, and what it takes to build an engine (``load_model``, ``
 and its presets)."""
 
 from refine_tta.engine.engine import (
+    ADAPT_STARTED,
+    ADAPT_STEP,
     AdaptJob,
     Engine,
     EngineLimits,
@@ -29,8 +31,8 @@ from refine_tta.model.loading import LoadedModel, load_model
 from refine_tta.refine.config import PRESETS, RefineConfig, preset
 
 __all__ = [
-    "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
-    "GenerationResult", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LoadedModel", "NotFound", "PRESETS",
-    "QueueFull", "RefineConfig", "SamplingConfig", "Session", "SessionStore", "TextCodec", "Unavailable",
-    "generate_text", "is_session_id", "jsonable", "load_model", "new_session_id", "preset",
+    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics",
+    "GenerateJob", "GenerationResult", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LoadedModel",
+    "NotFound", "PRESETS", "QueueFull", "RefineConfig", "SamplingConfig", "Session", "SessionStore", "TextCodec",
+    "Unavailable", "generate_text", "is_session_id", "jsonable", "load_model", "new_session_id", "preset",
 ]
