@@ -16,7 +16,15 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
-from refine_tta.engine import Cancelled, InvalidSettings, LimitExceeded, NotFound, QueueFull, Unavailable
+from refine_tta.engine import (
+    Cancelled,
+    InvalidSettings,
+    LimitExceeded,
+    NotFound,
+    QueueFull,
+    StorageFull,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +106,8 @@ def describe(exc: BaseException) -> ErrorInfo:
         return ErrorInfo(429, "rate_limited", str(exc), _retry(exc.retry_after))
     if isinstance(exc, Unavailable):
         return ErrorInfo(503, "unavailable", str(exc), {} if exc.retry_after is None else _retry(exc.retry_after))
+    if isinstance(exc, StorageFull):
+        return ErrorInfo(507, "storage_full", str(exc))
     if isinstance(exc, Cancelled):
         return ErrorInfo(499, "cancelled", str(exc))
     if isinstance(exc, AuthenticationFailed):
@@ -124,6 +134,7 @@ def install_error_handlers(app: FastAPI) -> None:
                              info.headers)
         return info.response()
 
-    for cls in (NotFound, LimitExceeded, InvalidSettings, QueueFull, Unavailable, Cancelled, AuthenticationFailed,
-                BodyTooLarge, MalformedJSON, RequestValidationError, StarletteHTTPException, Exception):
+    for cls in (NotFound, LimitExceeded, InvalidSettings, QueueFull, Unavailable, StorageFull, Cancelled,
+                AuthenticationFailed, BodyTooLarge, MalformedJSON, RequestValidationError, StarletteHTTPException,
+                Exception):
         app.add_exception_handler(cls, handle)

@@ -25,7 +25,18 @@ from refine_tta.engine.errors import (
     QueueFull,
     Unavailable,
 )
-from refine_tta.engine.sessions import Session, SessionStore, is_session_id, new_session_id
+from refine_tta.engine.sessions import Session, SessionStore
+from refine_tta.engine.storage import (
+    LockMode,
+    SessionDamaged,
+    SessionRefused,
+    SessionStorage,
+    StateDirLock,
+    StateDirLocked,
+    StorageFull,
+    is_session_id,
+    new_session_id,
+)
 from refine_tta.engine.text import GenerationResult, SamplingConfig, TextCodec, generate_text
 from refine_tta.model.loading import LoadedModel, load_model
 from refine_tta.refine.config import PRESETS, RefineConfig, preset
@@ -33,6 +44,7 @@ from refine_tta.refine.config import PRESETS, RefineConfig, preset
 __all__ = [
     "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics",
     "GenerateJob", "GenerationResult", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LoadedModel",
-    "NotFound", "PRESETS", "QueueFull", "RefineConfig", "SamplingConfig", "Session", "SessionStore", "TextCodec",
+    "LockMode", "NotFound", "PRESETS", "QueueFull", "RefineConfig", "SamplingConfig", "Session", "SessionDamaged",
+    "SessionRefused", "SessionStorage", "SessionStore", "StateDirLock", "StateDirLocked", "StorageFull", "TextCodec",
     "Unavailable", "generate_text", "is_session_id", "jsonable", "load_model", "new_session_id", "preset",
 ]

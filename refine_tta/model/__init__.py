@@ -22,11 +22,10 @@ from refine_tta.model.loading import (
     prepare_model,
 )
 from refine_tta.model.runtime import ReadOutput, read, read_document
-from refine_tta.model.state import DocumentState, LayerState, StateMismatchError, read_state_header
+from refine_tta.model.state import DocumentState, LayerState
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "BatchDecoder", "DecodeResult", "DocumentState", "LayerState", "LoadedModel",
-    "ModelFingerprint", "ModelLoadError", "ReadOutput", "StateMismatchError", "TokenEvent", "TokenSampling",
-    "fingerprint_model", "generate_tokens", "load_model", "prepare_model", "read", "read_document",
-    "read_state_header", "sample_next", "sample_rows",
+    "ModelFingerprint", "ModelLoadError", "ReadOutput", "TokenEvent", "TokenSampling", "fingerprint_model",
+    "generate_tokens", "load_model", "prepare_model", "read", "read_document", "sample_next", "sample_rows",
 ]
