@@ -117,7 +117,7 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture()
 def engine(loaded, tmp_path):
-    store = SessionStore(tmp_path / "state", loaded.fingerprint.to_dict())
+    store = SessionStore.open(tmp_path / "state", loaded.fingerprint)
     limits = EngineLimits(max_document_tokens=400, max_prompt_tokens=32, max_new_tokens=64, max_steps=16,
                           queue_size=12)
     with Engine(loaded, store, limits) as eng:
@@ -246,7 +246,7 @@ def test_queue_full_retry_after_is_estimated_from_the_running_adaptation(loaded,
             on_step({"step": i + 1, "of": config.steps})
         raise AdaptCancelled("the test adaptation never finishes")
 
-    store = SessionStore(tmp_path, loaded.fingerprint.to_dict())
+    store = SessionStore.open(tmp_path, loaded.fingerprint)
     with Engine(loaded, store, EngineLimits(queue_size=1, max_steps=64), adapt_fn=slow_adapt) as eng:
         steps: list[dict] = []
         running = eng.submit_adapt(doc, RefineConfig(steps=30, n_chunks=4, k=4, edge_margin=8), None,
