@@ -280,3 +280,26 @@ def test_a_failing_step_fails_its_generations_and_the_worker_carries_on(engine, 
     fine = engine.submit_generate(None, "The keeper", SamplingConfig(max_new_tokens=8, stop_at_eos=False), None)
     assert len(fine.result(60).tokens) == 8
     assert engine.metrics().failed_total == 1
+
+
+def test_shutdown_gives_decoding_generations_the_grace_period_then_503(loaded, tmp_path):
+    from refine_tta.engine import Unavailable
+
+    eng = Engine(loaded, SessionStore.open(tmp_path, loaded.fingerprint)).start()
+    try:
+        slow = SamplingConfig(max_new_tokens=200, stop_at_eos=False)
+        pieces: list[str] = []
+        handle = eng.submit_generate(None, "The keeper", slow, None,
+                                     on_text=lambda piece, token: (pieces.append(piece), time.sleep(0.05)))
+        quick = eng.submit_generate(None, "The keeper", SamplingConfig(max_new_tokens=3, stop_at_eos=False), None)
+        deadline = time.monotonic() + 30
+        while not pieces and time.monotonic() < deadline:
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        eng.begin_shutdown(grace_s=0.5)
+        assert len(quick.result(10).tokens) == 3  # finished within the grace period: its result stands
+        with pytest.raises(Unavailable, match="shutting down"):
+            handle.result(10)
+        assert 0.4 < time.monotonic() - t0 < 5
+    finally:
+        eng.stop(timeout=10)

@@ -269,8 +269,8 @@ class Engine:
         return self
 
     def begin_shutdown(self, grace_s: float, retry_after: float | None = None) -> None:
-        """Stop accepting; end queued jobs now and the running one after ``grace_s`` seconds (if it
-        has not finished by then), each with :class:`Unavailable` (HTTP 503, Retry-After, retry-safe:
+        """Stop accepting; end queued jobs now and the running ones (the exclusive job and the
+        generations decoding) after ``grace_s`` seconds (if they have not finished by then), each with :class:`Unavailable` (HTTP 503, Retry-After, retry-safe:
         nothing of the job was applied). Returns at once; :meth:`stop` joins the worker."""
         retry_after = self.retry_after if retry_after is None else retry_after
         with self._lock:
@@ -280,12 +280,14 @@ class Engine:
             self._accepting = False
             self._unavailable = Unavailable("the server is shutting down; nothing of this request was applied; "
                                             "retry it on a running server", retry_after=retry_after)
-            running = self._running
         self._drain_queue()
-        log.info("engine shutting down: queue drained, %s", "no job running" if running is None else
-                 f"the running {running.job.kind} job has {grace_s:g} s to finish")
-        if running is not None:
-            threading.Thread(target=self._end_after_grace, args=(running, grace_s), name="refine-tta-grace",
+        with self._lock:  # what is left in flight is running: the exclusive job and the generations decoding
+            running = list(self._inflight)
+        log.info("engine shutting down: queue drained, %s", "no job running" if not running else
+                 f"{len(running)} running job(s) ({', '.join(sorted({h.job.kind for h in running}))}) have "
+                 f"{grace_s:g} s to finish")
+        for handle in running:
+            threading.Thread(target=self._end_after_grace, args=(handle, grace_s), name="refine-tta-grace",
                              daemon=True).start()
 
     def _drain_queue(self) -> None:
