@@ -4,11 +4,11 @@ What is measured, per document length (512 to 8K tokens of held-out prose):
 
 * (a) **state** -- the product's path: the document is read once into a ``DocumentState``
   (``read_document``, timed separately as "read once"), then each query is answered from that
-  state: ``generate(model, state, prompt_ids)``;
+  state: ``generate_text(model, state, prompt_ids, ...)``;
 * (b) **re-read** -- what a model without saved state does: every query re-reads the document
-  with the prompt, ``generate(model, DocumentState.empty(), document_ids + prompt_ids)``.
+  with the prompt, ``generate_text(model, DocumentState.empty(), document_ids + prompt_ids, ...)``.
 
-Both go through ``refine_tta.model.generate``, greedy, ``--max-new-tokens`` tokens without
+Both go through ``refine_tta.engine.text.generate_text``, greedy, ``--max-new-tokens`` tokens without
 stopping early. Time to first token (TTFT) is from the call to the first sampled token (reading
 the prompt, plus the document for (b)); decode speed is tokens/s after the first token. Each
 figure is the median of ``--reps`` repetitions after one warm-up. The table also checks that
@@ -39,37 +39,38 @@ from benchmarks import common as bc  # noqa: E402
 PROMPT = "\n\nQuestion: What is the access code for the north gate? Answer:"
 
 
-def time_state_path(model, doc_ids, prompt_ids, sampling, decode, eos) -> dict:
+def time_state_path(model, doc_ids, prompt_ids, sampling, codec) -> dict:
     """(a): read the document once, then answer from the state."""
     import torch
 
-    from refine_tta.model import generate, read_document
+    from refine_tta.engine.text import generate_text
+    from refine_tta.model import read_document
 
     device = next(model.parameters()).device
     t = time.perf_counter()
     state = read_document(model, torch.tensor([doc_ids], device=device))
     read_s = time.perf_counter() - t
-    g = generate(model, state, prompt_ids, sampling, decode, eos)
+    g = generate_text(model, state, prompt_ids, sampling, codec)
     return {"read_s": read_s, "ttft_s": g.ttft_s, "tokens_per_s": g.tokens_per_s, "text": g.text,
             "state_bytes": state.nbytes, "n_generated": len(g.tokens)}
 
 
-def time_reread_path(model, doc_ids, prompt_ids, sampling, decode, eos) -> dict:
+def time_reread_path(model, doc_ids, prompt_ids, sampling, codec) -> dict:
     """(b): read document + prompt from nothing for the query."""
-    from refine_tta.model import DocumentState, generate
+    from refine_tta.engine.text import generate_text
+    from refine_tta.model import DocumentState
 
-    g = generate(model, DocumentState.empty(), doc_ids + prompt_ids, sampling, decode, eos)
+    g = generate_text(model, DocumentState.empty(), doc_ids + prompt_ids, sampling, codec)
     return {"ttft_s": g.ttft_s, "tokens_per_s": g.tokens_per_s, "text": g.text, "n_generated": len(g.tokens)}
 
 
 def measure_length(model, tok, texts, length: int, reps: int, max_new_tokens: int) -> dict:
-    from refine_tta.model import SamplingConfig
+    from refine_tta.engine.text import SamplingConfig, TextCodec
 
     doc_ids = bc.prose_ids(tok, texts, length, seed=f"latency:{length}")
     prompt_ids = tok.encode(PROMPT, add_special_tokens=False)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
-    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
-    args = (model, doc_ids, prompt_ids, sampling, decode, tok.eos_token_id)
+    args = (model, doc_ids, prompt_ids, sampling, TextCodec(tok))
     time_state_path(*args)  # warm-up (allocator, first-call overheads)
     state_runs = [time_state_path(*args) for _ in range(reps)]
     reread_runs = [time_reread_path(*args) for _ in range(reps)]

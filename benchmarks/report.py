@@ -33,6 +33,7 @@ SECTIONS = {
     "adapt_step": "python -m benchmarks.adapt_step",
     "ruler": "python -m benchmarks.ruler",
     "latency": "python -m benchmarks.latency",
+    "decode_batch": "python -m benchmarks.decode_batch",
     "load": "python -m benchmarks.load",
     "latency_lact": "python -m benchmarks.latency --model benchmarks/configs/lact-small --tokenizer "
                     "models/refine-tiny-deltanet --lengths 1024,4096,8192 --out benchmarks/results/latency_lact.json",

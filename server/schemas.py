@@ -9,12 +9,13 @@ back as 400 ``invalid_request`` with its message.
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
-from refine_tta.engine import Session
-from refine_tta.model.generation import GenerationResult
+from refine_tta.engine import GenerationResult, RefineConfig, Session
 
 _STRICT = ConfigDict(strict=True, extra="forbid")
 MAX_SEED = 2**63 - 1
@@ -46,37 +47,37 @@ def _stop_list(value: Any) -> Any:
 
 
 # ------------------------------------------------------------------------------------- /v1/adapt
-class AdaptSettings(BaseModel):
-    """RefineConfig fields a request may set; absent fields take the server's defaults."""
-
+class _SettingsBase(BaseModel):
     model_config = _STRICT
-
-    mode: str | None = None
-    steps: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    grad_clip: float | None = None
-    n_chunks: int | None = None
-    k: int | None = None
-    n: int | None = None
-    selection: str | None = None
-    reward: str | None = None
-    sft_coef: float | None = None
-    ppo_coef: float | None = None
-    clip_low: float | None = None
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    temperature: float | None = None
-    edge_margin: int | None = None
-    scope: str | None = None
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    lora_targets: list[str] | None = None
-    layers: list[int] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+def _optional(annotation: Any) -> Any:
+    """A RefineConfig field's type as an optional JSON type (tuples are JSON arrays)."""
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if annotation in (int, float, str, bool):
+        return annotation | None
+    if typing.get_origin(annotation) is tuple:
+        return list[args[0]] | None
+    if len(args) == 1:  # X | None
+        return _optional(args[0])
+    raise TypeError(f"RefineConfig field type {annotation!r} has no JSON form here")
+
+
+def _settings_model() -> type[_SettingsBase]:
+    """RefineConfig's fields, each optional (absent = the server's default); seeds range-checked here."""
+    hints = typing.get_type_hints(RefineConfig)
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(RefineConfig):
+        extra = {"ge": 0, "le": MAX_SEED} if f.name == "seed" else {}
+        fields[f.name] = (_optional(hints[f.name]), Field(None, **extra))
+    return create_model("AdaptSettings", __base__=_SettingsBase, __doc__="RefineConfig fields a request may set; "
+                        "absent fields take the server's defaults.", **fields)
+
+
+AdaptSettings = _settings_model()
 
 
 class AdaptRequest(BaseModel):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import adapt_step, latency, quality, report
+from benchmarks import adapt_step, decode_batch, latency, quality, report
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "models" / "refine-tiny-deltanet"
@@ -122,6 +122,16 @@ def test_latency_and_adapt_step_accept_the_lact_config(tmp_path):
     result = read_result(out)
     assert result["model"]["model_type"] == "lact_swiglu"
     assert result["rows"][0]["branch_s"] > 0 and result["rows"][0]["reference_s"] > 0
+
+
+def test_decode_batch_smoke(micro_model, tmp_path):
+    out = tmp_path / "decode_batch.json"
+    assert decode_batch.main(["--model", str(micro_model), "--sessions", "1,3", "--doc-tokens", "64", "--reps", "1",
+                              "--max-new-tokens", "4", "--out", str(out)]) == 0
+    result = read_result(out)
+    assert [r["sessions"] for r in result["rows"]] == [1, 3]
+    assert all(r["same_tokens"] for r in result["rows"])
+    assert result["rows"][1]["generated_tokens"] == 3 * 4 and result["rows"][1]["batched_steps"] == 4
 
 
 def test_report_renders_results(quality_out, tmp_path):

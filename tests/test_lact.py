@@ -27,7 +27,8 @@ import torch
 from test_refine_loop import GRAD_RTOL, VALUE_TOL, assert_same_model, both_paths, doc, make_model, snapshot
 
 from refine_tta.kernels import lact as K
-from refine_tta.model.generation import SamplingConfig, generate
+from refine_tta.engine.text import SamplingConfig, TextCodec, generate_text
+from refine_tta.model.decoding import TokenSampling, generate_tokens
 from refine_tta.model.lact import LaCTCacheAdapter, LaCTForCausalLM, LaCTSWIGLUConfig, state_nbytes
 from refine_tta.model.loading import fingerprint_model, load_model, prepare_model
 from refine_tta.model.runtime import read
@@ -231,7 +232,7 @@ def test_greedy_generate_from_state_equals_recompute_per_token(lact, doc_len):
     with torch.no_grad():
         state = read(lact, ids).state
     prompt = [3, 14, 15]
-    res = generate(lact, state, prompt, SamplingConfig(max_new_tokens=25, stop_at_eos=False), decode=lambda t: "")
+    res = generate_tokens(lact, state, prompt, TokenSampling(max_new_tokens=25))
     seq = torch.cat([ids[0], torch.tensor(prompt)])
     want = []
     for _ in range(25):  # the authors' generation: recompute the whole sequence for every token
@@ -270,7 +271,7 @@ def test_read_never_changes_its_state(lact):
         state = read(lact, ids[:, :20]).state
         before = state.clone()
         read(lact, ids[:, 20:], state)
-        generate(lact, state, [1, 2], SamplingConfig(max_new_tokens=20), decode=lambda t: "")
+        generate_tokens(lact, state, [1, 2], TokenSampling(max_new_tokens=20))
     for a, b in zip(state.tensors(), before.tensors()):
         assert torch.equal(a, b)
 
@@ -398,9 +399,8 @@ def test_engine_sessions_with_lact(tmp_path):
         first = engine.submit_generate(session.id, " The keeper", sampling, None).result(120)
         full = engine.sessions.get(session.id, None)
     prompt = loaded.tokenizer(" The keeper", add_special_tokens=False)["input_ids"]
-    decode = lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
     with full.delta.applied(loaded.model):
-        expected = generate(loaded.model, full.state, prompt, sampling, decode)
+        expected = generate_text(loaded.model, full.state, prompt, sampling, TextCodec(loaded.tokenizer))
     assert first.tokens == expected.tokens and len(first.tokens) == 10
     with Engine(loaded, SessionStore.open(tmp_path / "state", loaded.fingerprint), limits) as engine:  # from disk
         again = engine.submit_generate(session.id, " The keeper", sampling, None).result(120)

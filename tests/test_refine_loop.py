@@ -27,7 +27,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from refine_tta.model.generation import SamplingConfig, generate
+from refine_tta.model.decoding import TokenSampling, generate_tokens
 from refine_tta.model.loading import prepare_model, register_fla_models
 from refine_tta.model.runtime import read, read_document
 from refine_tta.refine import objective as obj
@@ -427,9 +427,7 @@ def test_non_finite_step_is_skipped(model, how, monkeypatch):
     json.dumps(res.stats, allow_nan=False)  # strict JSON even with a skipped step
     assert all(torch.isfinite(t).all() for t in res.state.tensors())
     assert all(torch.isfinite(t).all() for t in res.delta.tensors.values())
-    with res.delta.applied(model):
-        out = generate(model, res.state, [1, 2, 3], SamplingConfig(max_new_tokens=4),
-                       decode=lambda toks: " ".join(map(str, toks)))
+    out = generate_tokens(model, res.state, [1, 2, 3], TokenSampling(max_new_tokens=4), weights=res.delta)
     assert len(out.tokens) == 4
 
 

@@ -3,7 +3,15 @@
 Importing this package does not import fla (that happens in ``load_model``).
 """
 
-from refine_tta.model.generation import GenerationResult, SamplingConfig, generate, sample_next
+from refine_tta.model.decoding import (
+    BatchDecoder,
+    DecodeResult,
+    TokenEvent,
+    TokenSampling,
+    generate_tokens,
+    sample_next,
+    sample_rows,
+)
 from refine_tta.model.loading import (
     SUPPORTED_MODEL_TYPES,
     LoadedModel,
@@ -17,7 +25,8 @@ from refine_tta.model.runtime import ReadOutput, read, read_document
 from refine_tta.model.state import CacheAdapter, DocumentState, LayerState, NamedLayerState, cache_adapter
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES", "CacheAdapter", "DocumentState", "GenerationResult", "LayerState", "LoadedModel",
-    "ModelFingerprint", "ModelLoadError", "NamedLayerState", "ReadOutput", "SamplingConfig", "cache_adapter",
-    "fingerprint_model", "generate", "load_model", "prepare_model", "read", "read_document", "sample_next",
+    "SUPPORTED_MODEL_TYPES", "BatchDecoder", "CacheAdapter", "DecodeResult", "DocumentState", "LayerState",
+    "LoadedModel", "ModelFingerprint", "ModelLoadError", "NamedLayerState", "ReadOutput", "TokenEvent", "TokenSampling",
+    "cache_adapter", "fingerprint_model", "generate_tokens", "load_model", "prepare_model", "read", "read_document",
+    "sample_next", "sample_rows",
 ]
