@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--export", type=Path, default=None, help="write release weights here instead of training")
     p.add_argument("--decay-tokens", type=int, default=2_000_000, help="--export: linear LR decay length")
+    p.add_argument("--curve", action="store_true", help="print the gate curve of <run-dir>/metrics.json and exit")
     return p.parse_args(argv)
 
 
@@ -378,8 +379,24 @@ def export(args: argparse.Namespace) -> None:
     log.info("release weights in %s; eval %s", out, json.dumps(ev))
 
 
+def curve_table(history: dict) -> str:
+    """The gate measurements vs tokens seen, one line per evaluation (markdown table)."""
+    lines = ["| tokens | phase | cpu h | EM@256 | answer loss present | removed | gap (nats) | EM@512 |",
+             "| ---: | :-: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for ev in history["evals"]:
+        lk = ev["lookup_256"]
+        em512 = ev.get("needle_512", {}).get("exact_match")
+        lines.append(f"| {ev['tokens'] / 1e6:.2f}M | {ev['phase']} | {ev['cpu_seconds'] / 3600:.2f} | "
+                     f"{lk['exact_match']:.3f} | {lk['present_loss']:.3f} | {lk['removed_loss']:.3f} | "
+                     f"{lk['gap']:.3f} | {'' if em512 is None else f'{em512:.2f}'} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.curve:
+        print(curve_table(json.loads((args.run_dir / "metrics.json").read_text())))
+        return
     torch.set_num_threads(args.threads)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
