@@ -212,3 +212,16 @@ def test_resume_from_checkpoint_is_exact(coder, data, tmp_path):
     assert counters3.tokens == counters.tokens and counters3.step == 4
     for (name, a), b in zip(model.state_dict().items(), model3.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_runtime_never_imports_training_code():
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import refine_tta, refine_tta.model, refine_tta.refine, refine_tta.engine\n"
+            "import server.app, server.routes, server.runtime, server.cli\n"
+            "bad = [m for m in sys.modules if m.startswith('refine_tta.train')]\n"
+            "assert not bad, bad\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr

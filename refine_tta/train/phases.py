@@ -24,6 +24,7 @@ resumes the data stream exactly.
 
 from __future__ import annotations
 
+import abc
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -162,14 +163,15 @@ def copy_example(rng: random.Random, coder: TokenCoder, stream: Sequence[int], l
     return coder.fit(ids, weights, length)
 
 
-class Sampler:
+class Sampler(abc.ABC):
     """Base of the phase samplers: ``batch(rng, tokens_seen_in_phase, tokens_per_step)`` ->
     ``(length, [Example])`` with ``length * len(examples) ~= tokens_per_step``."""
 
     name = "?"
 
+    @abc.abstractmethod
     def lengths(self, phase_tokens: int) -> dict[int, float]:
-        raise NotImplementedError
+        """{sequence length: probability} after ``phase_tokens`` tokens of this phase."""
 
     def pick_length(self, rng: random.Random, phase_tokens: int) -> int:
         table = self.lengths(phase_tokens)
@@ -180,8 +182,9 @@ class Sampler:
         n = max(1, tokens_per_step // length)
         return length, self.examples(rng, phase_tokens, length, n)
 
+    @abc.abstractmethod
     def examples(self, rng: random.Random, phase_tokens: int, length: int, n: int) -> list[Example]:
-        raise NotImplementedError
+        """``n`` examples of exactly ``length`` tokens."""
 
 
 class PhaseA(Sampler):
