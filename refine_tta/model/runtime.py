@@ -68,7 +68,11 @@ def read_document(
 
 
 class PrefixStates(Protocol):
-    """The states after chosen prefixes of one document read (``read_keeping_states``)."""
+    """The states after chosen prefixes of one document read (``read_keeping_states``).
+
+    tokens_read: tokens read again so far to produce the states asked for (0 when traced)."""
+
+    tokens_read: int
 
     def states_at(self, positions: list[int]) -> DocumentState:
         """The state after x[0:p] for each p (1 <= p <= L), stacked in order: batch len(positions).
@@ -128,6 +132,7 @@ class _TracedPrefixes:
 
     def __init__(self, trace: StateTrace, logits: torch.Tensor, n_layers: int, L: int):
         self.trace, self.logits, self.n_layers, self.L = trace, logits, n_layers, L
+        self.tokens_read = 0
 
     def states_at(self, positions: list[int]) -> DocumentState:
         _check_positions(positions, self.L)
@@ -142,11 +147,13 @@ class _BoundaryPrefixes:
 
     def __init__(self, model, input_ids: torch.Tensor, boundaries: dict[int, DocumentState], every: int):
         self.model, self.ids, self.boundaries, self.every = model, input_ids, boundaries, every
+        self.tokens_read = 0
 
     def _at(self, p: int) -> DocumentState:
         if p in self.boundaries:
             return self.boundaries[p]
         b = p // self.every * self.every
+        self.tokens_read += p - b
         return read(self.model, self.ids[:, b:p], self.boundaries.get(b), only_last_logits=True).state
 
     def states_at(self, positions: list[int]) -> DocumentState:

@@ -40,7 +40,15 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
+    return entropy_from_logprobs(torch.log_softmax(logits.float() / temperature, dim=-1))
+
+
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of a distribution given as log-probabilities. logp [..., V] -> [...].
+
+    For a read that has computed ``log_softmax`` already (for its cross-entropy); same values as
+    ``token_entropy`` on the logits.
+    """
     p = logp.exp()
     # 0 * log 0 = 0; masking logp (not the product) keeps the backward free of 0 * inf.
     logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
