@@ -50,7 +50,12 @@ def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
     ``token_entropy`` on the logits.
     """
     p = logp.exp()
-    # 0 * log 0 = 0; masking logp (not the product) keeps the backward free of 0 * inf.
+    # One fused multiply-add pass over V when every log-prob is finite (always, for finite logits).
+    entropy = -torch.einsum("...v,...v->...", p, logp)
+    if bool(torch.isfinite(entropy).all()):
+        return entropy
+    # A -inf log-prob made 0 * -inf = NaN: 0 * log 0 = 0; masking logp (not the product) keeps the
+    # backward free of 0 * inf.
     logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
     return -(p * logp).sum(dim=-1)
 
