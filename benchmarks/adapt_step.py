@@ -20,7 +20,9 @@ warm-up of its own: at 8K one reference step takes minutes), then ``--repeats`` 
 timed step per kind (NTP, branch, reference, interleaved, so a change in the machine's load hits
 all three), each inside a fresh ``trainable_scope`` with a fresh AdamW, so every repetition does
 the same work from the base weights; the median is reported, with the per-phase split of that
-step.
+step. Wall seconds, and the process's CPU seconds (``time.process_time``): on a shared machine
+the CPU seconds of a one-thread run are far less disturbed by other processes than wall time,
+so the table gives both ratios.
 With no trained weights in ``--model`` the model is initialised at random from its config.json
 (or, without one, from the training script's default architecture); the output says so.
 Timing does not depend on the weights' values, only on their shapes.
@@ -144,13 +146,14 @@ def one_step(model, ids, cfg, kind: str) -> dict:
         with trainable_scope(model, cfg, gen) as scope:
             opt = torch.optim.AdamW(scope.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             _sync(device)
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), time.process_time()
             if kind == "ntp":
                 stats = sft_step(model, ids, cfg, scope.params, opt)
             else:
                 stats = refine_step(model, ids, cfg, gen, scope.params, opt, kind)
             _sync(device)
             stats["wall_s"] = time.perf_counter() - t
+            stats["cpu_s"] = time.process_time() - cpu
     finally:
         model.train(was_training)
     return stats
@@ -179,9 +182,11 @@ def measure(model, ids, cfg, repeats: int, reference_repeats: int) -> dict:
 def summarize(runs: list[dict], device) -> dict:
     """Median wall time of the runs, and the statistics of the median run."""
     times = [r["wall_s"] for r in runs]
+    cpu = [r["cpu_s"] for r in runs]
     mid = sorted(range(len(runs)), key=lambda i: times[i])[(len(runs) - 1) // 2]
     chosen = runs[mid]
     out = {"median_s": bc.median(times), "runs_s": [round(t, 4) for t in times],
+           "median_cpu_s": bc.median(cpu), "runs_cpu_s": [round(t, 4) for t in cpu],
            "phases_s": chosen["seconds_by_phase"], "tokens_processed": chosen["tokens_processed"],
            "peak_memory_mb": _peak_mb(device), "ntp_loss": chosen["ntp_loss"]}
     if "rollout_tokens" in chosen:
@@ -288,6 +293,7 @@ def main(argv=None) -> int:
             cell = {"L": L, "n": n, "document": source, **measure(model, ids, cfg, args.repeats, args.reference_repeats)}
             for kind in KINDS:
                 print(f"L={L} n={n} {kind}: {cell[kind]['median_s']:.3f} s/step (runs {cell[kind]['runs_s']}; "
+                      f"CPU s {cell[kind]['runs_cpu_s']}; "
                       f"phases {cell[kind]['phases_s']})", file=sys.stderr)
             cell["same_positions"] = cell["branch"]["positions"] == cell["reference"]["positions"]
             cell["same_rollouts"] = cell["branch"]["rollout_tokens_sha1"] == cell["reference"]["rollout_tokens_sha1"]
@@ -296,6 +302,8 @@ def main(argv=None) -> int:
             cell["reference_s"] = cell["reference"]["median_s"]
             cell["ratio"] = cell["reference_s"] / cell["branch_s"]
             cell["refine_over_ntp"] = cell["branch_s"] / cell["ntp_s"]
+            cell["ratio_cpu"] = cell["reference"]["median_cpu_s"] / cell["branch"]["median_cpu_s"]
+            cell["refine_over_ntp_cpu"] = cell["branch"]["median_cpu_s"] / cell["ntp"]["median_cpu_s"]
             rows.append(cell)
     result["settings"] = {"n_chunks": args.n_chunks, "k": args.k, "scope": "full", "lr": 1e-6,
                           "repeats": args.repeats, "reference_repeats": args.reference_repeats,
@@ -305,9 +313,11 @@ def main(argv=None) -> int:
     result["tables"].append(bc.table(
         f"One REFINE step, {info['model_type']} {info['parameters'] / 1e6:.1f}M ({info['weights']}), "
         f"{bc.machine_summary(result['machine'])}",
-        ["L", "n", "NTP s/step", "branch s/step", "reference s/step", "reference / branch", "branch / NTP"],
+        ["L", "n", "NTP s/step", "branch s/step", "reference s/step", "reference / branch", "branch / NTP",
+         "reference / branch (CPU s)", "branch / NTP (CPU s)"],
         [[r["L"], r["n"], f"{r['ntp_s']:.3f}", f"{r['branch_s']:.3f}", f"{r['reference_s']:.3f}",
-          f"{r['ratio']:.1f}x", f"{r['refine_over_ntp']:.2f}x"] for r in rows]))
+          f"{r['ratio']:.1f}x", f"{r['refine_over_ntp']:.2f}x", f"{r['ratio_cpu']:.1f}x",
+          f"{r['refine_over_ntp_cpu']:.2f}x"] for r in rows]))
     differ = [f"L={r['L']} n={r['n']}" for r in rows if not (r["same_positions"] and r["same_rollouts"])]
     if differ:
         result["notes"].append(
