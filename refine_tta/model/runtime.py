@@ -107,7 +107,7 @@ def read_keeping_states(model: torch.nn.Module, input_ids: torch.Tensor, every: 
     if supports_trace(model):
         trace = StateTrace()
         out = read(model, input_ids, trace=trace)
-        prefixes = _TracedPrefixes(trace, out.logits, len(out.state.layers), input_ids.shape[1])
+        prefixes = _TracedPrefixes(model, trace, out.hidden, len(out.state.layers))
         return KeptRead(out.logits, out.hidden, out.state, prefixes)
     L = input_ids.shape[1]
     logits, hidden, boundaries, state = [], [], {}, None
@@ -128,18 +128,24 @@ def _check_positions(positions: list[int], L: int) -> None:
 
 
 class _TracedPrefixes:
-    """From a traced read: every layer's state after p tokens from its chunk trace."""
+    """From a traced read: every layer's state after p tokens from its chunk trace; the next-token
+    logits from the hidden state at p - 1 (gathered once: a row of the [L, V] logits would cost
+    the backward a zero-filled [L, V] gradient per position)."""
 
-    def __init__(self, trace: StateTrace, logits: torch.Tensor, n_layers: int, L: int):
-        self.trace, self.logits, self.n_layers, self.L = trace, logits, n_layers, L
+    def __init__(self, model, trace: StateTrace, hidden: torch.Tensor, n_layers: int):
+        self.model, self.trace, self.hidden, self.n_layers = model, trace, hidden, n_layers
         self.tokens_read = 0
 
     def states_at(self, positions: list[int]) -> DocumentState:
-        _check_positions(positions, self.L)
-        at = {p: DocumentState(self.trace.layer_states_at(p, self.n_layers), p,
-                               self.logits[:, p - 1].to(torch.float32, copy=True))
-              for p in dict.fromkeys(positions)}
-        return DocumentState.stack([at[p] for p in positions])
+        _check_positions(positions, self.hidden.shape[1])
+        unique = list(dict.fromkeys(positions))
+        idx = torch.tensor([p - 1 for p in unique], device=self.hidden.device)
+        logits = self.model.lm_head(self.hidden[0].index_select(0, idx)).to(torch.float32)  # [U, V]
+        states = DocumentState(self.trace.layer_states_at(unique, self.n_layers), -1, logits)
+        if len(unique) == 1:
+            states.n_tokens = unique[0]
+        rows = [unique.index(p) for p in positions]
+        return states if rows == list(range(len(unique))) else states.select(torch.tensor(rows))
 
 
 class _BoundaryPrefixes:

@@ -31,15 +31,17 @@ class ConvTrace:
     cache: torch.Tensor | None
     width: int
 
-    def window_at(self, p: int) -> torch.Tensor:
-        """The convolution's window after the first p tokens: the last W inputs. [B, D, W]."""
+    def windows_at(self, positions: list[int]) -> torch.Tensor:
+        """The convolution's window after the first p tokens (its last W inputs), for each p:
+        [B * P, D, W], rows ordered (b, p). One gather, so the backward allocates one gradient of
+        x's size, not one per position."""
         W = self.width
-        xt = self.x[:, max(0, p - W):p].transpose(1, 2)  # [B, D, min(p, W)]
-        if p >= W:
-            return xt.contiguous()
         B, _, D = self.x.shape
         cache = self.x.new_zeros(B, D, W) if self.cache is None else self.cache.to(self.x.dtype)
-        return torch.cat([cache[..., p:], xt], dim=-1)
+        seq = torch.cat([cache, self.x.transpose(1, 2)], dim=-1)  # [B, D, W + T]; input t at W + t
+        idx = torch.tensor([p + j for p in positions for j in range(W)], device=seq.device)  # [P * W]
+        win = seq.index_select(-1, idx).view(B, D, len(positions), W)
+        return win.permute(0, 2, 1, 3).reshape(B * len(positions), D, W)
 
 
 @dataclass
@@ -51,11 +53,13 @@ class LayerTrace:
     conv: tuple[ConvTrace, ...] | None
     v_first: bool
 
-    def state_at(self, p: int) -> LayerState:
-        S = traced_state(self.chunks, p)
+    def states_at(self, positions: list[int]) -> LayerState:
+        """This layer's state after the first p tokens, for each p: batch B * P, rows (b, p)."""
+        S = torch.stack([traced_state(self.chunks, p) for p in positions], dim=1)  # [B, P, H, K, V]
+        S = S.flatten(0, 1)
         if self.v_first:
             S = S.transpose(-1, -2).contiguous()
-        return LayerState(S, None if self.conv is None else tuple(c.window_at(p) for c in self.conv))
+        return LayerState(S, None if self.conv is None else tuple(c.windows_at(positions) for c in self.conv))
 
 
 @dataclass
@@ -69,12 +73,12 @@ class StateTrace:
             raise RuntimeError(f"layer {layer_idx} traced twice: a StateTrace serves one read")
         self.layers[layer_idx] = layer
 
-    def layer_states_at(self, p: int, n_layers: int) -> list[LayerState]:
-        """Every layer's state after the first p tokens of the traced read."""
+    def layer_states_at(self, positions: list[int], n_layers: int) -> list[LayerState]:
+        """Every layer's state after the first p tokens of the traced read, for each p (batch B * P)."""
         if sorted(self.layers) != list(range(n_layers)):
             raise RuntimeError(f"the read traced layers {sorted(self.layers)} of {n_layers}: "
                                "a layer type without tracing support ran")
-        return [self.layers[i].state_at(p) for i in range(n_layers)]
+        return [self.layers[i].states_at(positions) for i in range(n_layers)]
 
 
 def supports_trace(model: torch.nn.Module) -> bool:
