@@ -16,6 +16,7 @@ import torch
 from einops import rearrange
 
 from refine_tta.kernels import causal_conv1d, delta_rule, gated_rms_norm, l2norm, rms_norm, swiglu_mlp
+from refine_tta.model.trace import ConvTrace, LayerTrace
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,6 @@ def _check_unpadded(attention_mask, kwargs):
 def _conv_qkv(self, hidden_states, last_state, use_cache):
     """Projections through the three short convolutions. Returns q, k, v [B, T, *], the conv
     states, and a ConvTrace per convolution (its inputs and starting window)."""
-    from refine_tta.model.trace import ConvTrace
-
     caches = (None, None, None)
     if last_state is not None and last_state.get("conv_state") is not None:
         caches = tuple(last_state["conv_state"])
@@ -135,8 +134,6 @@ def _record(self, state_trace, chunks, conv_traces, v_first: bool) -> None:
     """Hand this layer's chunk and convolution traces to the read's StateTrace (if it asked)."""
     if state_trace is None:
         return
-    from refine_tta.model.trace import LayerTrace
-
     state_trace.record(self.layer_idx, LayerTrace(chunks, conv_traces if self.use_short_conv else None, v_first))
 
 
