@@ -105,6 +105,23 @@ def test_latency_smoke(micro_model, tmp_path):
     assert row["state"]["state_bytes"] == result["rows"][1]["state"]["state_bytes"]  # state size is length-free
 
 
+def test_adapt_step_smoke(micro_model, tmp_path):
+    from benchmarks import adapt_step
+
+    out = tmp_path / "adapt_step.json"
+    assert adapt_step.main(["--model", str(micro_model), "--lengths", "96", "--ns", "1", "--repeats", "1",
+                            "--threads", "1", "--out", str(out)]) == 0
+    result = read_result(out)
+    (row,) = result["rows"]
+    assert {"ntp", "branch", "reference"} <= set(row)
+    assert row["same_positions"] is True and row["same_rollouts"] is True  # the paths differ in cost only
+    for key in ("ratio", "refine_over_ntp", "ratio_cpu", "refine_over_ntp_cpu"):
+        assert row[key] > 0, key
+    assert row["branch"]["tokens_processed"] < row["reference"]["tokens_processed"]
+    assert "score" not in row["branch"]["phases_s"] and "score" in row["reference"]["phases_s"]
+    assert result["tables"][0]["columns"][-2:] == ["reference / branch (CPU s)", "branch / NTP (CPU s)"]
+
+
 def test_report_renders_results(quality_out, tmp_path):
     shutil.copy(quality_out, tmp_path / "quality.json")
     doc = tmp_path / "BENCHMARKS.md"
