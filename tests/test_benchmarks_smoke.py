@@ -121,7 +121,8 @@ def test_latency_and_adapt_step_accept_the_lact_config(tmp_path):
                             "--ns", "1", "--n-chunks", "2", "--repeats", "1", "--out", str(out)]) == 0
     result = read_result(out)
     assert result["model"]["model_type"] == "lact_swiglu"
-    assert result["rows"][0]["branch_s"] > 0 and result["rows"][0]["reference_s"] > 0
+    (row,) = result["rows"]
+    assert row["ratio"] > 0 and row["refine_over_ntp"] > 0 and row["same_rollouts"] is True
 
 
 def test_decode_batch_smoke(micro_model, tmp_path):
@@ -132,6 +133,23 @@ def test_decode_batch_smoke(micro_model, tmp_path):
     assert [r["sessions"] for r in result["rows"]] == [1, 3]
     assert all(r["same_tokens"] for r in result["rows"])
     assert result["rows"][1]["generated_tokens"] == 3 * 4 and result["rows"][1]["batched_steps"] == 4
+
+
+def test_adapt_step_smoke(micro_model, tmp_path):
+    from benchmarks import adapt_step
+
+    out = tmp_path / "adapt_step.json"
+    assert adapt_step.main(["--model", str(micro_model), "--lengths", "96", "--ns", "1", "--repeats", "1",
+                            "--threads", "1", "--out", str(out)]) == 0
+    result = read_result(out)
+    (row,) = result["rows"]
+    assert {"ntp", "branch", "reference"} <= set(row)
+    assert row["same_positions"] is True and row["same_rollouts"] is True  # the paths differ in cost only
+    for key in ("ratio", "refine_over_ntp", "ratio_cpu", "refine_over_ntp_cpu"):
+        assert row[key] > 0, key
+    assert row["branch"]["tokens_processed"] < row["reference"]["tokens_processed"]
+    assert "score" not in row["branch"]["phases_s"] and "score" in row["reference"]["phases_s"]
+    assert result["tables"][0]["columns"][-2:] == ["reference / branch (CPU s)", "branch / NTP (CPU s)"]
 
 
 def test_report_renders_results(quality_out, tmp_path):
