@@ -42,6 +42,9 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
                    help="delete least recently used sessions if over --session-disk-bytes at start")
     p.add_argument("--shutdown-grace-s", type=float, help="seconds a running job may finish after SIGTERM")
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--replicas", type=int, default=1, metavar="N",
+                   help="N > 1: N replicas under Ray Serve with session-affine routing over one shared "
+                        "--state-dir (needs the [ray] extra; docs/ray.md). Default 1: this process alone")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict:
-    skip = {"command", "func"}
+    skip = {"command", "func", "replicas"}
     return {k: v for k, v in vars(args).items() if k not in skip and v is not None}
 
 
@@ -72,7 +75,21 @@ def _model_problem(model: str) -> str | None:
     return None  # a hub id: resolved when the model loads
 
 
+def serve_replicas(settings, replicas: int) -> int:
+    """Hand over to Ray Serve (imported only here: the single-process path never loads Ray)."""
+    try:
+        from server.ray_app import serve_replicas as run
+    except ImportError as exc:
+        print(f"refine-tta serve: --replicas {replicas} needs Ray Serve ({exc}); install it with "
+              "pip install 'refine-tta[ray]'", file=sys.stderr)
+        return 2
+    return run(settings, replicas)
+
+
 def serve(args: argparse.Namespace) -> int:
+    if args.replicas < 1:
+        print(f"refine-tta serve: --replicas must be at least 1, got {args.replicas}", file=sys.stderr)
+        return 2
     import uvicorn
     from pydantic import ValidationError
 
@@ -89,6 +106,8 @@ def serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"refine-tta serve: {problem}", file=sys.stderr)
         return 2
+    if args.replicas > 1:
+        return serve_replicas(settings, args.replicas)
     app = create_app(settings)
     # One process, one worker thread: the device is owned by exactly one engine.
     # uvicorn waits for open requests a little longer than the engine's grace period, so every
