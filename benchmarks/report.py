@@ -34,6 +34,10 @@ SECTIONS = {
     "ruler": "python -m benchmarks.ruler",
     "latency": "python -m benchmarks.latency",
     "load": "python -m benchmarks.load",
+    "load_1_replica": "python -m benchmarks.load --clients 1,4,8 --out benchmarks/results/load_1_replica.json",
+    "load_2_replicas": "python -m benchmarks.load --replicas 2 --clients 1,4,8 "
+                       "--out benchmarks/results/load_2_replicas.json",
+    "session_move": "python -m benchmarks.session_move",
     "gpu": "bash benchmarks/gpu.sh   # on a CUDA machine",
 }
 MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)

@@ -299,6 +299,10 @@ class Ingress:
                 log.warning("ingress: replica lost before answering %s %s (try %d of %d): %s", proxied.method,
                             proxied.path, attempt, ATTEMPTS, type(exc).__name__)
                 continue
+            except Exception as exc:  # a bug in the replica's own code: the contract's 500
+                log.error("ingress: %s %s failed in the replica", proxied.method, proxied.path, exc_info=exc)
+                return JSONResponse({"error": {"type": "internal_error", "message": f"internal error "
+                                               f"({type(exc).__name__}); see the replica's log"}}, status_code=500)
             response = StreamingResponse(_rest(stream), status_code=start.status)
             response.raw_headers = list(start.headers)
             return response
