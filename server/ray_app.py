@@ -19,7 +19,7 @@ from memory, so no replica answers for it once the delete is acknowledged) and e
 deleted sessions from memory within ``SWEEP_S`` seconds.
 
 Every response through the ingress says who answered: ``x-refine-replica`` (Ray's replica id) and
-``x-refine-replica-pid``; a request for a session adds ``x-refine-session-source`` (``memory``:
+``x-refine-replica-pid``; a generate or completion for a session adds ``x-refine-session-source`` (``memory``:
 the replica held it; ``store``: it loaded it from the shared store for this request) and
 ``x-refine-session-load-ms``.
 
@@ -219,7 +219,7 @@ class SessionReplica:
         """Answer one HTTP request: a :class:`ResponseStart`, then the body's chunks."""
         headers = list(self._headers)
         session_id = serve.get_multiplexed_model_id()
-        if session_id:
+        if session_id and request.method == "POST":  # generate, completions: the tensors are needed
             headers += await self._hold(session_id)
         adapting = request.method == "POST" and request.path == "/v1/adapt"
         async for item in asgi_response(self.app, request, headers):
