@@ -183,7 +183,8 @@ class SessionReplica:
             await self._lifespan.__aexit__(None, None, None)
             raise RuntimeError(self.runtime.status_message())
         self.name = serve.get_replica_context().replica_id.unique_id
-        self._headers = [(b"x-refine-replica", self.name.encode()), (b"x-refine-replica-pid", str(os.getpid()).encode())]
+        self._headers = [(b"x-refine-replica", self.name.encode()),
+                         (b"x-refine-replica-pid", str(os.getpid()).encode())]
         self._sweeper = asyncio.create_task(self._sweep())
         log.info("replica %s (pid %d) ready", self.name, os.getpid())
 
