@@ -282,3 +282,22 @@ def test_killed_replica_sessions_served_by_the_other_and_ray_restarts_it(cluster
         print(f"Ray restarted the replica ({sorted(new_replicas)}) {time.monotonic() - killed:.1f} s after the kill")
         for sid, (_, _, text) in sessions.items():
             assert http.post("/v1/generate", json=_ask(sid)).json()["text"] == text
+
+
+@needs_ray
+@pytest.mark.slow
+def test_adaptation_goes_to_the_less_loaded_replica_and_streams_through_the_ingress(cluster, model_dir):
+    """While one replica runs a long streamed adaptation, a new adaptation goes to the other one.
+    Closing the stream cancels the long one (the client went away)."""
+    url, _ = cluster
+    tok = _tokenizer(model_dir)
+    with httpx.Client(base_url=url, timeout=300) as http:
+        long = {"document": document(tok, 300), "stream": True, "settings": {**ADAPT, "steps": 40}}
+        with http.stream("POST", "/v1/adapt", json=long) as stream:
+            assert stream.status_code == 200 and stream.headers["content-type"].startswith("text/event-stream")
+            busy = stream.headers["x-refine-replica"]
+            lines = stream.iter_lines()
+            assert next(line for line in lines if line.startswith("event: ")) in ("event: started", "event: progress")
+            short = _adapt(http, document(tok, 150))
+            assert short.headers["x-refine-replica"] != busy
+        assert http.post("/v1/generate", json=_ask(short.json()["session_id"])).status_code == 200
