@@ -22,6 +22,7 @@ from server_fixtures import REPO, app_client, document, free_port, make_tiny_mod
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray Serve is not installed (pip install -e '.[ray]')")
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")  # Ray's own use of pydantic
 
 QUESTION = "\n\nQuestion: What did the keeper write in? Answer:"
 ADAPT = {"mode": "refine", "steps": 2, "seed": 7}
@@ -89,6 +90,27 @@ def test_replica_resources_chosen_once():
     assert ReplicaResources.choose("cpu", 8, 2).num_gpus == 0
     gpu = ReplicaResources.choose("auto", 4, 2)
     assert (gpu.num_gpus, gpu.threads) == (1, None)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_serve_command_with_two_replicas(tmp_path):
+    """``refine-tta serve --replicas 2`` end to end: its own Ray, answers through the port it was
+    given, exits 0 on SIGTERM. (Runs before the shared cluster below is started.)"""
+    from server_fixtures import ServerProcess
+
+    model = make_tiny_model(tmp_path / "model")
+    server = ServerProcess(model, tmp_path / "state", "--replicas", "2")
+    try:
+        server.wait_healthy(timeout=300)
+        with httpx.Client(base_url=server.url, timeout=300) as http:
+            sid = _adapt(http, document(_tokenizer(model), 120)).json()["session_id"]
+            r = http.post("/v1/generate", json=_ask(sid))
+            assert r.status_code == 200 and r.headers["x-refine-replica"]
+            assert (tmp_path / "state" / sid / "meta.json").is_file()
+    finally:
+        server.stop()
+    assert server.proc.returncode == 0, server.log()
 
 
 # -------------------------------------------------------------------------------- real Ray Serve
