@@ -1,10 +1,12 @@
 """Command line of the library: adapt to a document and answer a question, in one process.
 
     refine-tta ask --document FILE --question "..." [--mode refine --steps 4 ...]
-    refine-tta demo            # a generated document with a fact in it; base vs adapted answer
+    refine-tta demo            # a generated document with a fact in it: the gold answer's
+                               # log-prob and rank, and the greedy answer, before and after adaptation
 
 The server (``refine-tta serve``) adds its subcommand on top of these (see ``server/cli.py``).
-Heavy imports (torch, fla) happen inside the commands, so ``--help`` is instant.
+Heavy imports (torch, fla) happen inside the commands, after the thread policy is set
+(:mod:`refine_tta.threads`), so ``--help`` is instant and OpenMP never spins on a busy machine.
 """
 
 from __future__ import annotations
@@ -16,64 +18,59 @@ import time
 
 from refine_tta.defaults import default_model_path
 
+DEMO_MODES = ("sft", "refine")
 
-def add_refine_options(p: argparse.ArgumentParser) -> None:
+
+def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--preset", default="embedded", help="named defaults (refine_tta.refine.config.PRESETS)")
-    p.add_argument("--mode", default="refine", choices=["refine", "sft", "none"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--scope", default=None, choices=["full", "lora", "layers"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--json", action="store_true", help="print the full statistics as JSON")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: chosen from the CPUs not busy with other work)")
 
 
 def add_subcommands(sub) -> None:
     ask = sub.add_parser("ask", help="adapt to a document and answer a question about it")
     ask.add_argument("--document", required=True, help="text file ('-' for stdin)")
     ask.add_argument("--question", required=True)
-    add_refine_options(ask)
+    add_common_options(ask)
+    ask.add_argument("--mode", default="refine", choices=["refine", "sft", "none"])
+    ask.add_argument("--json", action="store_true", help="print the full statistics as JSON")
     ask.set_defaults(func=cmd_ask)
-    demo = sub.add_parser("demo", help="generated document with a fact; answer before and after adaptation")
-    add_refine_options(demo)
+    demo = sub.add_parser("demo", help="a generated document with a fact: the gold answer's log-prob and rank, "
+                                       "and the greedy answer, before and after adaptation")
+    add_common_options(demo)
+    demo.add_argument("--modes", default=",".join(DEMO_MODES),
+                      help=f"adaptation modes to compare with the base model (default {','.join(DEMO_MODES)})")
     demo.add_argument("--tokens", type=int, default=768, help="document length in tokens")
     demo.set_defaults(func=cmd_demo)
 
 
-def _config(args):
+def _config(args, mode: str):
     from refine_tta.refine.config import RefineConfig, preset
 
-    overrides = {k: v for k, v in {"mode": args.mode, "steps": args.steps, "lr": args.lr,
+    overrides = {k: v for k, v in {"mode": mode, "steps": args.steps, "lr": args.lr,
                                    "scope": args.scope, "seed": args.seed}.items() if v is not None}
     return RefineConfig.from_dict({**preset(args.preset), **overrides})
 
 
-def _adapt_and_answer(loaded, document: str, question: str, args, label: str):
-    """Adapt (with a progress bar), then answer greedily from the session state."""
-    import torch
+def _progress(steps: int, label: str, disable: bool):
+    """A tqdm bar shown from the start of the adaptation (0/steps), moved by ``on_step``."""
     from tqdm import tqdm
 
-    from refine_tta.model import SamplingConfig, generate
-    from refine_tta.refine.loop import adapt
-
-    tok = loaded.tokenizer
-    cfg = _config(args)
-    ids = torch.tensor([tok.encode(document)], device=loaded.device)
-    bar = tqdm(total=cfg.steps, desc=f"adapt [{label}]", unit="step", file=sys.stderr, disable=cfg.mode == "none")
+    bar = tqdm(total=steps, desc=f"adapt [{label}]", unit="step", file=sys.stderr, disable=disable)
 
     def on_step(s):
-        bar.set_postfix(reward=f"{s.get('reward_mean', float('nan')):.2f}", ntp=f"{s['ntp_loss']:.3f}")
+        reward = s.get("reward_mean")
+        bar.set_postfix(**({"reward": f"{reward:.2f}"} if reward is not None else {}), ntp=f"{s['ntp_loss']:.3f}")
         bar.update(1)
 
-    result = adapt(loaded.model, ids, cfg, on_step=on_step)
-    bar.close()
-    prompt = tok.encode(question, add_special_tokens=False)
-    with result.delta.applied(loaded.model):
-        gen = generate(loaded.model, result.state, prompt, SamplingConfig(max_new_tokens=args.max_tokens, stop=("\n",)),
-                       lambda t: tok.decode(t, skip_special_tokens=True), tok.eos_token_id)
-    return result, gen
+    return bar, on_step
 
 
 def _print_result(label, result, gen, as_json):
@@ -87,11 +84,28 @@ def _print_result(label, result, gen, as_json):
         print(json.dumps(result.stats, indent=1))
 
 
-def _load(args):
-    from refine_tta.model import load_model
+def _start(args):
+    """Check the model path (no torch yet), set the thread policy, then load the model."""
+    from refine_tta.preflight import model_problem
+    from refine_tta.threads import configure_threads
+
+    model = args.model or default_model_path()
+    problem = model_problem(model)
+    if problem:
+        raise ValueError(problem)
+    policy = configure_threads(args.threads)
+    print(f"threads: {policy.describe()}", file=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    from refine_tta.model import ModelLoadError, load_model
+
+    hf_logging.disable_progress_bar()  # a 0.1 s "Loading weights" bar says nothing
 
     t = time.perf_counter()
-    loaded = load_model(args.model or default_model_path(), device=args.device)
+    try:
+        loaded = load_model(model, device=args.device)
+    except ModelLoadError as exc:
+        raise ValueError(str(exc)) from None
     print(f"loaded {loaded.name} on {loaded.device} ({loaded.backend.name} kernels) in "
           f"{time.perf_counter() - t:.1f} s", file=sys.stderr)
     return loaded
@@ -99,33 +113,46 @@ def _load(args):
 
 def cmd_ask(args) -> int:
     document = sys.stdin.read() if args.document == "-" else open(args.document, encoding="utf-8").read()
-    loaded = _load(args)
-    result, gen = _adapt_and_answer(loaded, document, args.question, args, args.mode)
-    _print_result(args.mode, result, gen, args.json)
+    cfg = _config(args, args.mode)
+    loaded = _start(args)
+    import torch
+
+    tok = loaded.tokenizer
+    ids = tok.encode(document)
+    cfg.validate_document(len(ids))
+    from refine_tta.model import SamplingConfig, generate
+    from refine_tta.refine.loop import adapt
+
+    bar, on_step = _progress(cfg.steps, cfg.mode, disable=cfg.mode == "none")
+    result = adapt(loaded.model, torch.tensor([ids], device=loaded.device), cfg, on_step=on_step)
+    bar.close()
+    prompt = tok.encode(args.question, add_special_tokens=False)
+    with result.delta.applied(loaded.model):
+        gen = generate(loaded.model, result.state, prompt, SamplingConfig(max_new_tokens=args.max_tokens, stop=("\n",)),
+                       lambda t: tok.decode(t, skip_special_tokens=True), tok.eos_token_id)
+    _print_result(cfg.mode, result, gen, args.json)
     return 0
 
 
 def cmd_demo(args) -> int:
-    import random
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in DEMO_MODES]
+    if unknown or not modes:
+        raise ValueError(f"--modes must name some of {', '.join(DEMO_MODES)}; got {args.modes!r}")
+    configs = [_config(args, "none")] + [_config(args, m) for m in modes]  # checked before loading anything
+    loaded = _start(args)
+    from refine_tta.demo import format_header, format_rows, make_demo_document, run_mode
 
-    from refine_tta.train.corpus import HELDOUT_TEXT_PATH, iter_documents
-    from refine_tta.train.needles import filler_window, make_needle_document
-
-    loaded = _load(args)
-    tok = loaded.tokenizer
-    rng = random.Random(args.seed)
-    doc = make_needle_document(rng, filler_window(rng, iter_documents(HELDOUT_TEXT_PATH), args.tokens * 6),
-                               n_needles=2, target_tokens=args.tokens,
-                               count_tokens=lambda s: len(tok.encode(s, add_special_tokens=False)))
-    asked = doc.needles[doc.query_index]
-    print(f"document: {len(tok.encode(doc.context))} tokens of held-out prose with the fact {asked.statement!r} "
-          f"at depth {doc.depth:.2f}")
-    print(f"question: {doc.question!r}   expected: {doc.answer!r}")
-    mode = args.mode
-    for label in ("none", mode) if mode != "none" else ("none",):
-        args.mode = label
-        result, gen = _adapt_and_answer(loaded, doc.context, doc.text[len(doc.context):], args, label)
-        _print_result(label, result, gen, args.json)
+    doc = make_demo_document(loaded.tokenizer, args.seed, args.tokens)
+    for line in format_header(doc, args.seed, loaded.name):
+        print(line, flush=True)
+    rows = []
+    for cfg in configs:
+        bar, on_step = _progress(cfg.steps, cfg.mode, disable=cfg.mode == "none")
+        rows.append(run_mode(loaded, doc, cfg, args.max_tokens, on_step))
+        bar.close()
+    for line in format_rows(rows):
+        print(line)
     return 0
 
 
@@ -144,7 +171,7 @@ def main(argv=None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"refine-tta {args.command}: {exc}", file=sys.stderr)
         return 1
 
 

@@ -105,7 +105,7 @@ def describe(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, QueueFull):
         return ErrorInfo(429, "rate_limited", str(exc), _retry(exc.retry_after))
     if isinstance(exc, Unavailable):
-        return ErrorInfo(503, "unavailable", str(exc), _retry(exc.retry_after))
+        return ErrorInfo(503, "unavailable", str(exc), {} if exc.retry_after is None else _retry(exc.retry_after))
     if isinstance(exc, StorageFull):
         return ErrorInfo(507, "storage_full", str(exc))
     if isinstance(exc, Cancelled):

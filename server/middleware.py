@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import re
 import time
 import uuid
@@ -22,7 +23,13 @@ from server.errors import AuthenticationFailed, BodyTooLarge, describe
 from server.metrics import ServerMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
+access_log = logging.getLogger("server.access")  # one INFO line per request (client, method, path, status, ms, id)
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _client(scope: Scope) -> str:
+    client = scope.get("client")
+    return f"{client[0]}:{client[1]}" if client else "-"
 
 
 def owner_of(api_key: str) -> str:
@@ -32,7 +39,8 @@ def owner_of(api_key: str) -> str:
 
 class RequestContextMiddleware:
     """Gives every request an id (the client's ``x-request-id`` if sane, else a new one), echoes it
-    on the response, records status and latency (until the last body byte) per route, and turns an
+    on the response, records status and latency (until the last body byte) per route and in one
+    access-log line (logger ``server.access``, INFO), and turns an
     unhandled exception into the contract's 500 body (so even a bug's answer carries the id)."""
 
     def __init__(self, app: ASGIApp, metrics: ServerMetrics, routes: Callable[[], Iterable]):
@@ -64,7 +72,10 @@ class RequestContextMiddleware:
             nonlocal recorded
             if not recorded:
                 recorded = True
-                self.metrics.observe(self._route(scope), scope["method"], status, time.perf_counter() - start)
+                seconds = time.perf_counter() - start
+                self.metrics.observe(self._route(scope), scope["method"], status, seconds)
+                access_log.info("%s %s %s %d %.1f ms id=%s", _client(scope), scope["method"], scope["path"], status,
+                                seconds * 1000, request_id)
 
         async def send_with_id(message: Message) -> None:
             nonlocal status, started

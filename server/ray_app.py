@@ -53,6 +53,8 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
     from ray.serve import Application
 
+    from refine_tta.threads import ThreadPolicy
+
 log = logging.getLogger(__name__)
 
 APP_NAME = "refine-tta"
@@ -166,15 +168,15 @@ class _Advertised:
 class SessionReplica:
     """One replica: the refine-tta app (its own engine and device worker) on the shared store."""
 
-    async def __init__(self, settings: ServerSettings, threads: int | None = 1):
+    async def __init__(self, settings: ServerSettings, threads: ThreadPolicy | None):
+        from refine_tta.threads import apply_thread_policy
         from server.app import create_app
 
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+        if threads is not None:  # its environment (OMP_*) was set by Ray before torch loaded
+            apply_thread_policy(threads)
         self.app = create_app(settings, shared_state_dir=True)
         self.runtime = self.app.state.runtime
+        self.runtime.threads = threads
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # shared lock on the state directory, model loading starts
         while self.runtime.engine is None and self.runtime.error is None:
@@ -322,25 +324,34 @@ async def _rest(stream: Any) -> AsyncIterator[bytes]:
 # ------------------------------------------------------------------------------------ assembling
 @dataclass(frozen=True)
 class ReplicaResources:
-    """What one replica takes from Ray, chosen once with the reason (logged)."""
+    """What one replica takes from Ray, chosen once with the reason (logged). ``threads``: the
+    replica's CPU thread policy (None on a GPU: torch's default)."""
 
     num_cpus: float
     num_gpus: float
-    threads: int | None
+    threads: ThreadPolicy | None
     reason: str
 
     @classmethod
-    def choose(cls, device: str, cluster_gpus: float, replicas: int) -> ReplicaResources:
+    def choose(cls, device: str, cluster_gpus: float, replicas: int, threads: int | None = None) -> ReplicaResources:
+        """One GPU per replica where the cluster has GPUs (and ``device`` allows), else one CPU and
+        ``threads`` (default 1) torch threads per replica."""
+        from refine_tta.threads import ThreadPolicy
+
         if device != "cpu" and cluster_gpus >= 1:
             return cls(1, 1, None, f"one GPU per replica ({cluster_gpus:g} GPUs in the Ray cluster, {replicas} "
                                    "replicas; Ray queues replicas that do not fit)")
         why = "--device cpu" if device == "cpu" else "no GPU in the Ray cluster"
-        return cls(1, 0, 1, f"one CPU and one torch thread per replica ({why})")
+        n = threads or 1
+        policy = ThreadPolicy(n, "PASSIVE", f"{'--threads' if threads else 'one'} per replica of --replicas; idle "
+                                            "threads sleep instead of spinning")
+        return cls(n, 0, policy, f"one CPU and {n} torch thread{'s' if n != 1 else ''} per replica ({why})")
 
 
 def build(settings: ServerSettings, replicas: int, resources: ReplicaResources) -> Application:
     """The Ray Serve application: ``Ingress`` over ``replicas`` x :class:`SessionReplica`."""
-    threads_env = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"} if resources.threads == 1 else {}
+    threads_env = {} if resources.threads is None else {
+        "OMP_NUM_THREADS": str(resources.threads.threads), "MKL_NUM_THREADS": str(resources.threads.threads)}
     replica = SessionReplica.options(
         num_replicas=replicas,
         # Ray's router holds what does not fit: the engine takes the running job + queue_size waiting,
@@ -360,7 +371,8 @@ def app_builder(args: dict[str, Any]) -> Application:
     ``REFINE_TTA_*`` environment variables apply as for ``refine-tta serve``."""
     settings = ServerSettings(**args.get("settings", {}))
     replicas = int(args.get("replicas", 2))
-    resources = ReplicaResources.choose(settings.device, ray.cluster_resources().get("GPU", 0), replicas)
+    resources = ReplicaResources.choose(settings.device, ray.cluster_resources().get("GPU", 0), replicas,
+                                        settings.threads)
     log.info("replicas: %s", resources.reason)
     return build(settings, replicas, resources)
 
@@ -370,7 +382,8 @@ def serve_replicas(settings: ServerSettings, replicas: int) -> int:
     the application on ``settings.host:port`` and block until SIGTERM/SIGINT."""
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False,
              logging_level=settings.log_level.upper())
-    resources = ReplicaResources.choose(settings.device, ray.cluster_resources().get("GPU", 0), replicas)
+    resources = ReplicaResources.choose(settings.device, ray.cluster_resources().get("GPU", 0), replicas,
+                                        settings.threads)
     log.info("%d replicas: %s", replicas, resources.reason)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -18,7 +18,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from refine_tta.engine import Engine, InvalidSettings, NotFound, Unavailable, is_session_id
+from refine_tta.engine import Engine, InvalidSettings, NotFound, is_session_id
 from refine_tta.model.generation import GenerationResult, SamplingConfig
 from refine_tta.refine.config import RefineConfig
 from server.errors import describe
@@ -54,7 +54,7 @@ def get_runtime(request: Request) -> Runtime:
 def get_engine(runtime: Runtime = Depends(get_runtime)) -> Engine:
     """The running engine; 503 while the model loads (or if it failed to)."""
     if runtime.engine is None:
-        raise Unavailable(runtime.status_message(), retry_after=runtime.retry_after_loading)
+        raise runtime.unavailable()
     return runtime.engine
 
 
@@ -83,7 +83,8 @@ def sampling_config(engine: Engine, max_tokens: int | None, default_max_tokens: 
 
 
 # ------------------------------------------------------------------------------------------ health
-@router.api_route("/health", methods=["GET", "HEAD"], response_model=Health)
+@router.get("/health", response_model=Health)
+@router.head("/health", response_model=Health, include_in_schema=False)  # one operation id in the schema
 def health(runtime: Runtime = Depends(get_runtime)) -> Health:
     engine = get_engine(runtime)
     loaded = engine.loaded
@@ -105,12 +106,12 @@ async def adapt(body: AdaptRequest, request: Request, runtime: Runtime = Depends
         return AdaptResponse.of(await wait_for_job(handle, request))
     bridge = EventBridge()
     handle = await run_in_threadpool(engine.submit_adapt, body.document, config, owner,
-                                     bridge.callback(lambda step: step))
+                                     bridge.callback(lambda event, data: (event, data)))
     bridge.attach(handle)
 
     async def events() -> AsyncIterator[dict]:
-        async for step in bridge.items():
-            yield {"event": "progress", "data": json.dumps(step)}
+        async for event, data in bridge.items():  # "started" once, then "progress" per step
+            yield {"event": event, "data": json.dumps(data)}
         error = handle.future.exception()
         if error is not None:
             yield {"event": "error", "data": describe(error).json()}

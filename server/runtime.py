@@ -3,8 +3,11 @@ loaded) the engine.
 
 The lifespan takes the state directory's lock first: a second server on the same directory stops at
 start with a clear message. The model is loaded once per app, in a thread started by the lifespan,
-so the server answers ``/health`` with 503 while it loads. A failed load is logged and reported by
-every request (503 with the reason) instead of killing the process silently.
+so the server answers ``/health`` with 503 (``Retry-After``) while it loads. A failed load is logged
+and reported by every request: 503 with the reason, no ``Retry-After``, and a message that says it
+will not recover (the process stays up so that a supervisor sees it unhealthy; fix and restart).
+When the engine is ready, one summary line says what is serving: model, device, backend, dtype,
+threads, preset, state directory, sessions restored, auth.
 
 Shutdown (SIGTERM/SIGINT, seen as soon as the signal arrives): new jobs get 503, queued jobs end at
 once with 503 + ``Retry-After`` + ``x-refine-retry-safe``, the running job gets ``shutdown_grace_s``
@@ -22,14 +25,16 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
+from refine_tta.engine import Unavailable
 from server.metrics import ServerMetrics
 from server.settings import ServerSettings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from refine_tta.engine import Engine, StateDirLock
+    from refine_tta.engine import Engine, SessionStore, StateDirLock
     from refine_tta.model.loading import LoadedModel
+    from refine_tta.threads import ThreadPolicy
 
 log = logging.getLogger(__name__)
 
@@ -72,15 +77,49 @@ class Runtime:
         self.lock: StateDirLock | None = None
         self.error: str | None = None
         self.started_at = time.time()
+        self.threads: ThreadPolicy | None = None  # set by the ``serve`` command (it chose the policy)
+        self.address: str | None = None  # where ``serve`` listens
         self._closing = False
         self.metrics = ServerMetrics(lambda: None if self.engine is None else self.engine.metrics())
 
     def status_message(self) -> str:
         if self.error is not None:
-            return f"the model failed to load: {self.error}"
+            return (f"the model failed to load: {self.error}. The server will not recover from this: fix the "
+                    f"cause and restart it")
         if self._closing:
             return "the server is shutting down"
         return "the model is loading; retry shortly"
+
+    def unavailable(self) -> Unavailable:
+        """The error for a request that needs the engine while there is none (no retry after a failed load)."""
+        return Unavailable(self.status_message(), retry_after=None if self.error is not None
+                           else self.retry_after_loading)
+
+    def summary(self, loaded: LoadedModel, store: SessionStore) -> str:
+        """The one start-up line: what serves, where, with what."""
+        import torch
+
+        s = self.settings
+        threads = self.threads.describe() if self.threads else f"{torch.get_num_threads()} threads (torch default)"
+        refused = f", {len(store.refused)} refused (other model)" if store.refused else ""
+        auth = f"{len(s.api_keys)} API key{'s' if len(s.api_keys) != 1 else ''}" if s.api_keys else "none"
+        where = f" on {self.address}" if self.address else ""
+        return (f"ready{where}: model {loaded.name} on {loaded.device} ({loaded.backend.name} kernels, "
+                f"{str(loaded.dtype).replace('torch.', '')}); threads: {threads}; preset {s.refine_preset}"
+                f"{' + ' + str(s.refine_defaults) if s.refine_defaults else ''}; state dir {s.state_dir}: "
+                f"{len(store)} sessions restored{refused}; auth: {auth}")
+
+    def warn_unowned(self, store: SessionStore) -> None:
+        """Under key auth, sessions made without a key belong to nobody who can call: say so, and how to fix it."""
+        if not self.settings.api_keys:
+            return
+        unowned = store.list(None)
+        if unowned:
+            d = self.settings.state_dir
+            log.warning("%d sessions in %s have no owner (made before API keys were set): no key can use them. "
+                        "List them: refine-tta sessions list --state-dir %s; give them to a key: refine-tta sessions "
+                        "adopt --state-dir %s --api-key KEY; or delete them: refine-tta sessions delete --state-dir "
+                        "%s (with the server stopped)", len(unowned), d, d, d, d)
 
     def start_engine(self) -> None:
         """Load the model, open the session store, start the worker (runs in a thread)."""
@@ -104,7 +143,8 @@ class Runtime:
             engine.stop()
             return
         self.engine = engine
-        log.info("ready: %s on %s (%d sessions on disk)", loaded.name, loaded.device, len(store))
+        log.info("%s", self.summary(loaded, store))
+        self.warn_unowned(store)
 
     def begin_shutdown(self) -> None:
         """Stop taking work and give the running job its grace period (returns at once)."""

@@ -64,6 +64,8 @@ class ServerSettings(BaseSettings):
                                             description="RefineConfig fields applied after the preset, before a "
                                                         "request's settings")
     log_level: str = "info"
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; default: chosen at start from the "
+                                                         "CPUs not busy with other work (refine_tta.threads)")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -95,5 +97,9 @@ class ServerSettings(BaseSettings):
     def _check_default_steps(self) -> ServerSettings:
         steps = RefineConfig.from_dict(self.adapt_defaults).steps
         if steps > self.max_steps:
-            raise ValueError(f"refine_defaults steps={steps} is over max_steps={self.max_steps}")
+            source = ("refine_defaults" if "steps" in self.refine_defaults
+                      else f"the preset {self.refine_preset!r}")
+            raise ValueError(f"max_steps={self.max_steps} is below the default steps={steps} of {source}: "
+                             f"raise max_steps, or lower the default with refine_defaults "
+                             f"{{\"steps\": {self.max_steps}}}")
         return self

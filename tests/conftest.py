@@ -9,6 +9,9 @@ os.environ.setdefault("PYTHONWARNINGS", "ignore::UserWarning:fla.utils.hardware"
 # Tests use tiny models: one intra-op thread avoids oversubscription stalls on small CPU boxes
 # (and is inherited by the server processes some tests start).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# Idle OpenMP threads sleep instead of spinning (what the product's thread policy chooses too, see
+# refine_tta/threads.py): set here, before any test imports torch, so `python -m pytest` is fast on a busy box.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 @pytest.fixture(autouse=True, scope="session")

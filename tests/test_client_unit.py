@@ -510,6 +510,7 @@ def test_sse_decoder_framing() -> None:
 
 ADAPT_STREAM = sse(
     ": connected\n",
+    ("started", {"of": 2, "document_tokens": 1234, "mode": "refine", "queued_s": 0.01}),
     (
         "progress",
         {"step": 1, "of": 2, "reward_mean": 0.2, "ntp_loss": 3.1, "policy_loss": 0.01, "seconds": 1.5},
@@ -534,8 +535,10 @@ def test_adapt_stream_progress_then_done(mock: respx.MockRouter, client: RefineC
     request = route.calls.last.request
     assert json.loads(request.content)["stream"] is True
     assert request.headers["accept"] == "text/event-stream"
-    assert [e.type for e in received] == ["progress", "progress", "done"]
-    first, second, done = received
+    assert [e.type for e in received] == ["started", "progress", "progress", "done"]
+    started, first, second, done = received
+    assert isinstance(started, rtc.AdaptStartedEvent)
+    assert (started.started.of, started.started.document_tokens, started.started.mode) == (2, 1234, "refine")
     assert isinstance(first, rtc.AdaptProgressEvent) and isinstance(second, rtc.AdaptProgressEvent)
     assert (first.progress.step, first.progress.of, first.progress.reward_mean) == (1, 2, 0.2)
     assert second.progress.reward_mean == 0.6 and second.progress.model_extra == {"extra": "kept"}
@@ -710,7 +713,7 @@ def test_async_streams(mock: respx.MockRouter, sleeps: Sleeps) -> None:
             return adapt_types, gen_types, await c.adapt("doc", progress=True)
 
     adapt_types, gen_types, result = asyncio.run(run())
-    assert adapt_types == ["progress", "progress", "done"]
+    assert adapt_types == ["started", "progress", "progress", "done"]
     assert gen_types == ["token", "done"]
     assert result.session_id == "sess_abc"
 
@@ -805,10 +808,28 @@ def test_cli_ask_streams(mock: respx.MockRouter, sleeps: Sleeps, capsys: pytest.
         "prompt": "Question: who?",
         "max_tokens": 16,
         "seed": 1,
+        "stop": ["\n"],  # one line of answer by default
         "stream": True,
     }
     cli.main(["ask", "sess_abc", "Q"], client_factory=cli_factory(sleeps))
     assert json.loads(route.calls.last.request.content)["session_id"] == "sess_abc"
+    cli.main(["ask", "sess_abc", "Q", "--no-stop"], client_factory=cli_factory(sleeps))
+    assert "stop" not in json.loads(route.calls.last.request.content)
+    cli.main(["ask", "sess_abc", "Q", "--stop", ".", "--stop", "?"], client_factory=cli_factory(sleeps))
+    assert json.loads(route.calls.last.request.content)["stop"] == [".", "?"]
+    assert cli.main(["ask", "sess_abc", "Q", "--stop", ".", "--no-stop"], client_factory=cli_factory(sleeps)) == 1
+
+
+def test_progress_bar_shows_from_the_started_event() -> None:
+    from refine_tta_client._progress import AdaptProgressBar
+
+    out = io.StringIO()
+    bar = AdaptProgressBar(file=out)
+    bar.start(rtc.AdaptStarted(of=4, document_tokens=700, mode="refine"))
+    assert "0/4" in out.getvalue() and "refine" in out.getvalue()  # before step 1 has finished
+    bar.update(rtc.AdaptProgress(step=1, of=4, reward_mean=0.5, ntp_loss=3.0))
+    bar.close()
+    assert "1/4" in out.getvalue().rsplit("\r", 1)[-1]
 
 
 def test_cli_error_exit(mock: respx.MockRouter, sleeps: Sleeps, capsys: pytest.CaptureFixture[str]) -> None:

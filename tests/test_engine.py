@@ -142,11 +142,26 @@ def test_queue_full_and_cancellation(engine, loaded, doc):
     assert engine.metrics().cancelled_total == 2
 
 
+def test_adaptation_reports_started_before_step_1_then_each_step(engine, loaded, doc):
+    heard: list[tuple[str, dict, float]] = []
+    handle = engine.submit_adapt(doc, CONFIG, None,
+                                 on_progress=lambda event, data: heard.append((event, data, time.perf_counter())))
+    session = handle.result(120)
+    assert [event for event, _, _ in heard] == ["started", "progress", "progress"]
+    started = heard[0][1]
+    assert started["of"] == 2 and started["mode"] == "refine" and started["queued_s"] >= 0
+    assert started["document_tokens"] == session.document_tokens
+    assert [data["step"] for _, data, _ in heard[1:]] == [1, 2]
+    # "started" arrives before step 1's work, not with it: at least step 1's own seconds earlier
+    assert heard[1][2] - heard[0][2] >= heard[1][1]["seconds"] * 0.9
+
+
 def test_cancelling_a_running_adaptation_frees_the_worker(engine, loaded, doc):
     base = weights_hash(loaded.model)
     steps: list[dict] = []
     long = RefineConfig(steps=8, n_chunks=4, k=4, edge_margin=8)
-    handle = engine.submit_adapt(doc, long, None, on_progress=steps.append)
+    handle = engine.submit_adapt(doc, long, None, on_progress=lambda event, data: steps.append(data)
+                                 if event == "progress" else None)
     deadline = time.monotonic() + 60
     while not steps and time.monotonic() < deadline:
         time.sleep(0.01)

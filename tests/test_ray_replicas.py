@@ -86,8 +86,11 @@ def test_replica_resources_chosen_once():
     from server.ray_app import ReplicaResources
 
     cpu = ReplicaResources.choose("auto", 0, 2)
-    assert (cpu.num_cpus, cpu.num_gpus, cpu.threads) == (1, 0, 1) and "no GPU" in cpu.reason
+    assert (cpu.num_cpus, cpu.num_gpus, cpu.threads.threads, cpu.threads.wait_policy) == (1, 0, 1, "PASSIVE")
+    assert "no GPU" in cpu.reason
     assert ReplicaResources.choose("cpu", 8, 2).num_gpus == 0
+    three = ReplicaResources.choose("cpu", 0, 2, threads=3)
+    assert (three.num_cpus, three.threads.threads) == (3, 3) and "--threads" in three.threads.reason
     gpu = ReplicaResources.choose("auto", 4, 2)
     assert (gpu.num_gpus, gpu.threads) == (1, None)
 

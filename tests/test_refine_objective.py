@@ -621,6 +621,23 @@ def test_validate_document():
         none.validate_document(0)
 
 
+def test_mode_none_records_no_steps_and_zero_steps_needs_mode_none():
+    assert RefineConfig(mode="none", steps=4).steps == 0  # a preset's steps are not recorded as if run
+    assert RefineConfig.from_dict({"steps": 4, "mode": "none"}).to_dict()["steps"] == 0
+    for mode in ("refine", "sft"):
+        with pytest.raises(ValueError, match=f"steps is 0 with mode '{mode}': nothing would be adapted; use mode 'none'"):
+            RefineConfig(mode=mode, steps=0)
+
+
+def test_short_document_message_names_the_settings():
+    with pytest.raises(ValueError) as err:
+        RefineConfig(n_chunks=8, k=5, edge_margin=20).validate_document(30)
+    message = str(err.value)
+    assert message.startswith("the document has 30 tokens; mode 'refine' needs at least 53")
+    assert "n_chunks" in message and "k=5" in message and "edge_margin=20" in message and "mode 'sft'" in message
+    assert "2*edge_margin" not in message
+
+
 def test_config_from_dict_rejects_unknown_keys():
     with pytest.raises(ValueError, match="bar, foo"):
         RefineConfig.from_dict({"k": 3, "foo": 1, "bar": 2})

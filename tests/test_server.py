@@ -115,6 +115,8 @@ def test_failed_load_is_reported_not_hidden(tmp_path):
         r = c.get("/health")
         assert r.status_code == 503 and "failed to load" in error_of(r)["message"]
         assert "has no config.json" in error_of(r)["message"]
+        assert "will not recover" in error_of(r)["message"]
+        assert "retry-after" not in r.headers and "x-refine-retry-safe" not in r.headers
 
 
 def test_request_ids(client):
@@ -309,19 +311,21 @@ def test_queue_full_is_429_with_retry_after(tiny, tmp_path, doc):
         assert 'refine_tta_jobs_rejected_total 3.0' in c.get("/metrics").text
 
 
-def test_adapt_stream_progress_then_done(client, doc):
+def test_adapt_stream_started_progress_then_done(client, doc):
     with client.stream("POST", "/v1/adapt", json={"document": doc, "settings": {"steps": 3}, "stream": True}) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         assert r.headers["x-request-id"]
         events = sse_events(r.iter_lines())
     names = [e for e, _ in events]
-    assert names == ["progress"] * 3 + ["done"]
-    progress = [json.loads(d) for _, d in events[:3]]
+    assert names == ["started"] + ["progress"] * 3 + ["done"]
+    started = json.loads(events[0][1])
+    assert started["of"] == 3 and started["mode"] == "refine" and started["queued_s"] >= 0
+    progress = [json.loads(d) for _, d in events[1:4]]
     assert [(p["step"], p["of"]) for p in progress] == [(1, 3), (2, 3), (3, 3)]
     for p in progress:
         assert all(isinstance(p[k], (int, float)) for k in ("reward_mean", "ntp_loss", "policy_loss", "seconds"))
     done = json.loads(events[-1][1])
-    assert len(done["stats"]["steps"]) == 3
+    assert len(done["stats"]["steps"]) == 3 and started["document_tokens"] == done["document_tokens"]
     assert client.get(f"/v1/sessions/{done['session_id']}").status_code == 200
 
 
@@ -614,8 +618,8 @@ def test_client_sdk_sync_and_async(server, doc):
     with RefineClient(base_url=server.url, max_retries=0) as c:
         assert c.health().status == "ok"
         events = list(c.adapt(doc, steps=2, seed=1, stream=True))
-        assert [e.type for e in events] == ["progress", "progress", "done"]
-        assert events[0].progress.step == 1 and events[0].progress.of == 2
+        assert [e.type for e in events] == ["started", "progress", "progress", "done"]
+        assert events[0].started.of == 2 and events[1].progress.step == 1 and events[1].progress.of == 2
         sid = events[-1].response.session_id
         answer = c.generate(sid, " The keeper", max_tokens=8, seed=2, temperature=0.7)
         streamed = list(c.generate(sid, " The keeper", max_tokens=8, seed=2, temperature=0.7, stream=True))
@@ -631,7 +635,7 @@ def test_client_sdk_sync_and_async(server, doc):
         async with AsyncRefineClient(base_url=server.url, max_retries=0) as ac:
             stream = await ac.adapt(doc, steps=2, seed=1, stream=True)
             events = [e async for e in stream]
-            assert [e.type for e in events] == ["progress", "progress", "done"]
+            assert [e.type for e in events] == ["started", "progress", "progress", "done"]
             sid2 = events[-1].response.session_id
             got = await ac.generate(sid2, " The keeper", max_tokens=8, seed=2, temperature=0.7)
             assert got.tokens == answer.tokens  # same document, settings and seeds as the sync session

@@ -216,7 +216,9 @@ class AsyncRefineClient:
         try:
             async with events:
                 async for event in events:
-                    if event.type == "progress":
+                    if event.type == "started":
+                        bar.start(event.started)
+                    elif event.type == "progress":
                         bar.update(event.progress)
                     else:
                         return event.response

@@ -198,8 +198,9 @@ class RefineClient:
         Settings left at None take the server's defaults; ``extra_settings`` passes settings this
         client version does not know by name.
 
-        Returns the :class:`AdaptResponse`; with ``stream=True`` a :class:`Stream` of
-        :class:`AdaptProgressEvent` then one :class:`AdaptDoneEvent` (``.response``). With
+        Returns the :class:`AdaptResponse`; with ``stream=True`` a :class:`Stream` of one
+        :class:`AdaptStartedEvent`, an :class:`AdaptProgressEvent` per step, then one
+        :class:`AdaptDoneEvent` (``.response``). With
         ``progress=True`` the call streams under the hood, shows a tqdm bar on stderr and
         returns the :class:`AdaptResponse`.
 
@@ -231,7 +232,9 @@ class RefineClient:
         try:
             with events:
                 for event in events:
-                    if event.type == "progress":
+                    if event.type == "started":
+                        bar.start(event.started)
+                    elif event.type == "progress":
                         bar.update(event.progress)
                     else:
                         return event.response

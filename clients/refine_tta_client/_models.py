@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "AdaptStats",
     "AdaptResponse",
+    "AdaptStarted",
+    "AdaptStartedEvent",
     "AdaptProgress",
     "AdaptProgressEvent",
     "AdaptDoneEvent",
@@ -52,6 +54,22 @@ class AdaptResponse(_Model):
     stats: AdaptStats = Field(default_factory=AdaptStats)
 
 
+class AdaptStarted(_Model):
+    """Data of the ``started`` event: the server began the adaptation (before step 1)."""
+
+    of: int
+    document_tokens: int | None = None
+    mode: str | None = None
+    queued_s: float | None = None
+
+
+class AdaptStartedEvent(_Model):
+    """Streamed adaptation: the first event, sent when the work starts (step 1 may take long)."""
+
+    type: Literal["started"] = "started"
+    started: AdaptStarted
+
+
 class AdaptProgress(_Model):
     """Data of a ``progress`` event: step ``step`` of ``of`` has finished."""
 
@@ -77,8 +95,8 @@ class AdaptDoneEvent(_Model):
     response: AdaptResponse
 
 
-AdaptEvent = AdaptProgressEvent | AdaptDoneEvent
-"""What ``adapt(..., stream=True)`` yields: progress events, then exactly one done event."""
+AdaptEvent = AdaptStartedEvent | AdaptProgressEvent | AdaptDoneEvent
+"""What ``adapt(..., stream=True)`` yields: a started event, progress events, then exactly one done event."""
 
 
 class GenerateResponse(_Model):

@@ -32,6 +32,8 @@ from ._models import (
     AdaptEvent,
     AdaptProgress,
     AdaptProgressEvent,
+    AdaptStarted,
+    AdaptStartedEvent,
     AdaptResponse,
     GenerateDoneEvent,
     GenerateEvent,
@@ -137,7 +139,9 @@ def _raise_error_event(sse: ServerSentEvent, headers: httpx.Headers) -> None:
 
 
 def decode_adapt_event(sse: ServerSentEvent, headers: httpx.Headers) -> AdaptEvent | None:
-    """``progress`` / ``done`` of ``POST /v1/adapt``; raises on ``error``; None for others."""
+    """``started`` / ``progress`` / ``done`` of ``POST /v1/adapt``; raises on ``error``; None for others."""
+    if sse.event == "started":
+        return AdaptStartedEvent(started=validate_model(AdaptStarted, decode_json(sse.data)))
     if sse.event == "progress":
         return AdaptProgressEvent(progress=validate_model(AdaptProgress, decode_json(sse.data)))
     if sse.event == "done":

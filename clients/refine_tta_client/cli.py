@@ -3,7 +3,7 @@
 Commands::
 
     refine-tta-client adapt FILE [--steps N --mode M --lr X --seed S ...]   # FILE may be "-"
-    refine-tta-client ask SESSION "question" [--max-tokens N --temperature T --seed S]
+    refine-tta-client ask SESSION "question" [--max-tokens N --temperature T --seed S --stop S | --no-stop]
     refine-tta-client sessions
     refine-tta-client delete SESSION
     refine-tta-client health
@@ -32,6 +32,7 @@ ClientFactory = Callable[[str | None, str | None, float | None], RefineClient]
 """``(base_url, api_key, timeout) -> RefineClient``; tests inject one with a mock transport."""
 
 BASE_SESSION = "base"  # ``ask base ...`` uses the base model
+DEFAULT_STOP = "\n"  # ``ask`` answers one line unless told otherwise
 
 
 # --------------------------------------------------------------------------------------------
@@ -86,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--temperature", type=float)
     ask.add_argument("--top-p", type=float)
     ask.add_argument("--seed", type=int)
-    ask.add_argument("--stop", action="append", help="stop string (repeatable)")
+    ask.add_argument(
+        "--stop", action="append", help="stop string (repeatable; default: a newline, i.e. one line of answer)"
+    )
+    ask.add_argument("--no-stop", action="store_true", help="no stop string: generate up to --max-tokens")
 
     commands.add_parser("sessions", parents=[common], help="list sessions")
     delete = commands.add_parser("delete", parents=[common], help="delete a session")
@@ -207,6 +211,16 @@ def _cmd_adapt(client: RefineClient, args: argparse.Namespace) -> None:
         print(f"{label.ljust(width)}  {value}")
 
 
+def ask_stops(stop: list[str] | None, no_stop: bool) -> list[str] | None:
+    """What ``ask`` sends as ``stop``: the given strings, else a newline (one line of answer), or
+    nothing with ``--no-stop``."""
+    if no_stop:
+        if stop:
+            raise ValueError("--stop and --no-stop contradict each other")
+        return None
+    return stop or [DEFAULT_STOP]
+
+
 def _cmd_ask(client: RefineClient, args: argparse.Namespace) -> None:
     session = None if args.session == BASE_SESSION else args.session
     prompt = _read_text("-") if args.question == "-" else args.question
@@ -219,7 +233,7 @@ def _cmd_ask(client: RefineClient, args: argparse.Namespace) -> None:
         temperature=args.temperature,
         top_p=args.top_p,
         seed=args.seed,
-        stop=args.stop,
+        stop=ask_stops(args.stop, args.no_stop),
         stream=True,
     ) as events:
         for event in events:

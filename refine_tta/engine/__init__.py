@@ -1,6 +1,8 @@
 """Tier 3: sessions and the engine (the one worker thread that owns the device). No HTTP here."""
 
 from refine_tta.engine.engine import (
+    ADAPT_STARTED,
+    ADAPT_STEP,
     AdaptJob,
     Engine,
     EngineLimits,
@@ -33,8 +35,8 @@ from refine_tta.engine.storage import (
 )
 
 __all__ = [
-    "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
-    "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LockMode", "NotFound", "QueueFull", "Session",
-    "SessionDamaged", "SessionRefused", "SessionStorage", "SessionStore", "StateDirLock", "StateDirLocked",
+    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics",
+    "GenerateJob", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LockMode", "NotFound", "QueueFull",
+    "Session", "SessionDamaged", "SessionRefused", "SessionStorage", "SessionStore", "StateDirLock", "StateDirLocked",
     "StorageFull", "Unavailable", "is_session_id", "jsonable", "new_session_id",
 ]

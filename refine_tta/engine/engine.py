@@ -39,6 +39,15 @@ from refine_tta.refine.config import RefineConfig
 
 log = logging.getLogger(__name__)
 
+ADAPT_STARTED = "started"
+"""``on_progress`` event sent once, when the worker starts the adaptation (before step 1):
+``{"of": steps, "document_tokens": L, "mode": mode, "queued_s": seconds waited in the queue}``."""
+ADAPT_STEP = "progress"
+"""``on_progress`` event sent after every step, with the step's statistics (``step``, ``of``, ...)."""
+
+ProgressFn = Callable[[str, dict[str, Any]], None]
+"""``on_progress(event, data)``: :data:`ADAPT_STARTED` once, then :data:`ADAPT_STEP` per step."""
+
 AdaptFn = Callable[..., Any]
 """``adapt(model, document_ids [1, L], config, *, on_step, should_stop) -> AdaptResult``
 (:func:`refine_tta.refine.loop.adapt`)."""
@@ -146,8 +155,9 @@ class AdaptJob:
     document_ids: list[int]
     config: RefineConfig
     owner: str | None
-    on_progress: Callable[[dict[str, Any]], None] | None = None
+    on_progress: ProgressFn | None = None
     kind: str = "adapt"
+    submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
 
     def run(self, engine: Engine, handle: JobHandle) -> Session:
         return engine._run_adapt(self, handle)
@@ -263,7 +273,7 @@ class Engine:
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="refine-tta-worker", daemon=True)
         self._thread.start()
-        log.info("engine started: model %s on %s, limits %s", self.loaded.name, self.loaded.device, self.limits)
+        log.debug("engine started: model %s on %s, limits %s", self.loaded.name, self.loaded.device, self.limits)
         return self
 
     def begin_shutdown(self, grace_s: float, retry_after: float | None = None) -> None:
@@ -354,9 +364,11 @@ class Engine:
         return self._codec.decode(ids)
 
     def submit_adapt(self, document: str, config: RefineConfig, owner: str | None,
-                     on_progress: Callable[[dict[str, Any]], None] | None = None) -> JobHandle:
+                     on_progress: ProgressFn | None = None) -> JobHandle:
         """Check and queue an adaptation. The future resolves to the stored :class:`Session`
-        (metadata only). Raises LimitExceeded / InvalidSettings / StorageFull / QueueFull / Unavailable."""
+        (metadata only). ``on_progress(event, data)`` hears :data:`ADAPT_STARTED` when the worker
+        starts it, then :data:`ADAPT_STEP` after each step.
+        Raises LimitExceeded / InvalidSettings / StorageFull / QueueFull / Unavailable."""
         limits = self.limits
         if config.steps > limits.max_steps:
             raise LimitExceeded("max_steps", config.steps, limits.max_steps, what="settings.steps")
@@ -511,7 +523,11 @@ class Engine:
         def on_step(step: dict[str, Any]) -> None:
             self._count(adaptation_steps_total=1)
             if on_progress is not None:
-                on_progress(jsonable(step))
+                on_progress(ADAPT_STEP, jsonable(step))
+
+        if on_progress is not None:  # before step 1, which may take long: the caller can show progress now
+            on_progress(ADAPT_STARTED, {"of": job.config.steps, "document_tokens": len(job.document_ids),
+                                        "mode": job.config.mode, "queued_s": round(t0 - job.submitted_at, 3)})
 
         ids = torch.tensor([job.document_ids], dtype=torch.long, device=self.loaded.device)
         try:

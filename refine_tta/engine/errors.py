@@ -37,8 +37,9 @@ class Cancelled(EngineError):
 
 
 class Unavailable(EngineError):
-    """The engine cannot take work now (model still loading, or stopped)."""
+    """The engine cannot take work (model still loading, or stopped). ``retry_after`` None: it will
+    not recover by waiting (the model failed to load)."""
 
-    def __init__(self, message: str, retry_after: float = 5.0):
+    def __init__(self, message: str, retry_after: float | None = 5.0):
         self.retry_after = retry_after
         super().__init__(message)

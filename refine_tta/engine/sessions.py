@@ -421,6 +421,15 @@ class SessionStore:
             self._enforce_disk_budget(keep=stored.id)
             return stored.without_tensors()
 
+    def set_owner(self, session_id: str, owner: str | None, new_owner: str | None) -> Session:
+        """Give ``owner``'s session to ``new_owner`` (e.g. a session made before API keys were set);
+        NotFound if it is not ``owner``'s. Returns the updated metadata."""
+        with self._lock:
+            session = self._lookup(session_id, owner)
+            self.storage.set_owner(session_id, new_owner)
+            session.owner = new_owner
+            return session.without_tensors()
+
     def delete(self, session_id: str, owner: str | None) -> None:
         """Remove a session from memory and disk; NotFound if it is not the owner's."""
         with self._lock:

@@ -353,6 +353,14 @@ class SessionStorage:
         self._reached("published", target)
         return sum(f["bytes"] for f in files.values())
 
+    def set_owner(self, session_id: str, owner: str | None) -> None:
+        """Record a new owner: ``meta.json`` replaced atomically (files and checksums unchanged)."""
+        path = self.path(session_id)
+        meta = self._retrying(lambda: self._load_meta(path), session_id)
+        meta["owner"] = owner
+        data = json.dumps(meta, sort_keys=True, allow_nan=False).encode()
+        self._retrying(lambda: atomic_write(path / META_FILE, data), session_id)
+
     # ------------------------------------------------------------------------------------- read
     def read_meta(self, session_id: str) -> IndexEntry:
         """The session's metadata, checked (format, fingerprint, file sizes) without reading tensors.

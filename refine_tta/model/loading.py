@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -74,8 +75,13 @@ class LoadedModel:
 
 
 def register_fla_models() -> None:
-    """Import fla's model families so transformers' Auto classes know their model types."""
-    import fla.models  # noqa: F401  (registers DeltaNetConfig, GatedDeltaNetConfig, ...)
+    """Import fla's model families so transformers' Auto classes know their model types.
+
+    fla warns "Triton is not supported on current platform" when it is imported without a GPU:
+    expected here (the CPU backend is chosen and logged by ``choose_backend``), so it is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Triton is not supported", category=UserWarning)
+        import fla.models  # noqa: F401  (registers DeltaNetConfig, GatedDeltaNetConfig, ...)
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tuple[torch.dtype, str]:

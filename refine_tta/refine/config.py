@@ -66,7 +66,7 @@ class RefineConfig:
     """How to adapt a model to one document.
 
     mode: ``refine`` (NTP + PPO on next-sequence rollouts), ``sft`` (NTP only, the paper's
-    baseline) or ``none`` (no adaptation).
+    baseline) or ``none`` (no adaptation: ``steps`` becomes 0). Other modes need ``steps >= 1``.
     steps, lr, weight_decay, grad_clip: the AdamW inner loop (constant schedule).
     n_chunks, k, n: positions per document (one per chunk), rollout length, rollouts per position.
     selection: ``entropy`` (sample from softmax of smoothed entropy per chunk), ``uniform``,
@@ -113,6 +113,8 @@ class RefineConfig:
             value = getattr(self, name)
             if isinstance(value, list):
                 object.__setattr__(self, name, tuple(value))
+        if self.mode == "none" and isinstance(self.steps, int) and not isinstance(self.steps, bool):
+            object.__setattr__(self, "steps", 0)  # nothing is adapted: no preset's steps recorded as if run
         self._validate_loop()
         self._validate_objective()
         self._validate_scope()
@@ -120,6 +122,9 @@ class RefineConfig:
     def _validate_loop(self) -> None:
         _check_choice("mode", self.mode, MODES)
         _check_int("steps", self.steps, 0)
+        if self.steps == 0 and self.mode != "none":
+            raise ValueError(f"steps is 0 with mode {self.mode!r}: nothing would be adapted; use mode 'none' to "
+                             f"read the document without adapting, or steps >= 1")
         if _check_float("lr", self.lr) <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if _check_float("weight_decay", self.weight_decay) < 0:
@@ -194,14 +199,12 @@ class RefineConfig:
         _check_int("n_tokens", n_tokens, 0)
         need = self.min_document_tokens()
         if n_tokens < need:
+            message = f"the document has {n_tokens} tokens; mode {self.mode!r} needs at least {need}"
             if self.mode == "refine":
-                rule = (
-                    f"2*edge_margin + k + n_chunks = 2*{self.edge_margin} + {self.k} + "
-                    f"{self.n_chunks} = {need}"
-                )
-            else:
-                rule = f"{need} for mode {self.mode!r}"
-            raise ValueError(f"document has {n_tokens} tokens; needs at least {rule}")
+                message += (f" ({self.n_chunks} rollout positions (n_chunks), each followed by k={self.k} true "
+                            f"tokens, at least edge_margin={self.edge_margin} tokens from either end): send a "
+                            f"longer document, lower n_chunks or edge_margin, or use mode 'sft' (needs 2 tokens)")
+            raise ValueError(message)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict: tuples become lists."""
