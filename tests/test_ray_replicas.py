@@ -216,6 +216,10 @@ def test_answers_equal_single_process_and_follow_the_session(cluster, reference,
     # Routed to a replica holding the session: the adapting replica holds it from the start; another
     # replica may load it from the store once (before the router has heard of the adaptation), and
     # from then on holds it too. Never a second load.
+    from collections import Counter
+
+    print(f"adapted on {holder}; 12 generates answered by (replica, source): "
+          f"{dict(Counter((replica, source) for _, replica, source in answers))}")
     loads = [replica for _, replica, source in answers if source == "store"]
     assert len(loads) <= 1 and holder not in loads, answers
     assert all(source == "memory" for _, replica, source in answers if replica == holder)
