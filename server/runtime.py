@@ -69,9 +69,10 @@ class Runtime:
 
     retry_after_loading = 5.0
 
-    def __init__(self, settings: ServerSettings, loader: Loader | None = None):
+    def __init__(self, settings: ServerSettings, loader: Loader | None = None, *, shared_state_dir: bool = False):
         self.settings = settings
         self.loader = loader or load_for_settings
+        self.shared_state_dir = shared_state_dir  # one replica of several on one directory (server.ray_app)
         self.engine: Engine | None = None
         self.serving: Serving | None = None  # the routes' object, once the engine runs
         self.lock: StateDirLock | None = None
@@ -185,10 +186,11 @@ class Runtime:
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        from refine_tta.engine import StateDirLock, StateDirLocked
+        from refine_tta.engine import LockMode, StateDirLock, StateDirLocked
 
+        mode = LockMode.SHARED if self.shared_state_dir else LockMode.EXCLUSIVE
         try:
-            self.lock = StateDirLock.acquire(self.settings.state_dir)
+            self.lock = StateDirLock.acquire(self.settings.state_dir, mode)
         except StateDirLocked as exc:
             log.error("refusing to start: %s", exc)
             raise
