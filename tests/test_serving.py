@@ -22,7 +22,7 @@ ALLOWED = {
     "refine_tta.refine.config": {"settings.py"},  # checks settings at start-up without importing torch
     "refine_tta.cli": {"cli.py"},  # the library's own subcommands (ask, demo)
     "refine_tta.preflight": {"cli.py"},  # start-up checks before torch loads
-    "refine_tta.threads": {"cli.py", "runtime.py"},  # the thread policy, set before torch loads
+    "refine_tta.threads": {"cli.py", "runtime.py", "ray_app.py"},  # the thread policy, set before torch loads
 }
 
 
