@@ -21,7 +21,7 @@ from typing import Any
 MODES = ("refine", "sft", "none")
 SELECTION_MODES = ("entropy", "uniform", "argmax", "argmin")
 REWARD_KINDS = ("cosine", "binary", "hybrid")
-SCOPES = ("full", "lora", "layers")
+SCOPES = ("full", "lora", "layers", "projections")
 
 _TUPLE_FIELDS = ("lora_targets", "layers")
 
@@ -79,7 +79,10 @@ class RefineConfig:
     >= edge_margin tokens (plus the k continuation tokens) before its end.
     scope: which parameters are trained: ``full`` (all), ``lora`` (low-rank adapters of rank
     ``lora_rank``, scale ``lora_alpha / lora_rank``, on the linear layers named in
-    ``lora_targets``), ``layers`` (all parameters of the blocks whose indices are in ``layers``).
+    ``lora_targets``), ``layers`` (all parameters of the blocks whose indices are in ``layers``),
+    ``projections`` (the fast-weight projections q/k/v/beta of every block). The optimizer steps
+    fp32 master tensors of the scope (``refine_tta.refine.delta``); weight decay pulls them toward
+    the base model (it decays the change, not the base weight).
     seed: base seed of the adaptation's ``torch.Generator``.
     """
 
