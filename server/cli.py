@@ -29,7 +29,7 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default auto)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--backend", choices=["fla", "torch"], help="kernel backend (default: per device)")
-    p.add_argument("--refine-preset", help="named adaptation defaults: embedded (default), paper, library")
+    p.add_argument("--refine-preset", help="named adaptation defaults: auto (default: from the model), embedded, safe, paper, library")
     p.add_argument("--max-document-tokens", type=int)
     p.add_argument("--max-prompt-tokens", type=int)
     p.add_argument("--max-new-tokens", type=int)

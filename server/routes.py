@@ -63,9 +63,9 @@ def get_owner(request: Request) -> str | None:
     return request.scope.get("state", {}).get("owner")
 
 
-def refine_config(runtime: Runtime, given: dict[str, Any]) -> RefineConfig:
+def refine_config(runtime: Runtime, engine: Engine, given: dict[str, Any]) -> RefineConfig:
     try:
-        return RefineConfig.from_dict({**runtime.settings.adapt_defaults, **given})
+        return RefineConfig.from_dict({**runtime.settings.adapt_defaults(engine.default_preset), **given})
     except ValueError as exc:
         raise InvalidSettings(f"invalid settings: {exc}") from None
 
@@ -99,13 +99,14 @@ def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
 @router.post("/v1/adapt", response_model=AdaptResponse)
 async def adapt(body: AdaptRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                 engine: Engine = Depends(get_engine), owner: str | None = Depends(get_owner)) -> Any:
-    config = refine_config(runtime, body.settings.given())
+    config = refine_config(runtime, engine, body.settings.given())
     if not body.stream:
-        handle = await run_in_threadpool(engine.submit_adapt, body.document, config, owner)
+        handle = await run_in_threadpool(engine.submit_adapt, body.document, config, owner,
+                                         base_session=body.base_session)
         return AdaptResponse.of(await wait_for_job(handle, request))
     bridge = EventBridge()
     handle = await run_in_threadpool(engine.submit_adapt, body.document, config, owner,
-                                     bridge.callback(lambda step: step))
+                                     bridge.callback(lambda step: step), base_session=body.base_session)
     bridge.attach(handle)
 
     async def events() -> AsyncIterator[dict]:

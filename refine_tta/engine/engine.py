@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -35,13 +36,18 @@ from refine_tta.engine.sessions import Session, SessionStore
 from refine_tta.model.generation import MIN_TEMPERATURE, GenerationResult, SamplingConfig, generate
 from refine_tta.model.loading import LoadedModel
 from refine_tta.model.state import DocumentState
-from refine_tta.refine.config import RefineConfig
+from refine_tta.refine.config import RefineConfig, preset_for_model
+from refine_tta.refine.delta import scope_for
 
 log = logging.getLogger(__name__)
 
 AdaptFn = Callable[..., Any]
-"""``adapt(model, document_ids [1, L], config, *, on_step, should_stop) -> AdaptResult``
+"""``adapt(model, document_ids [1, L], config, *, start, probe_ids, on_step, should_stop) -> AdaptResult``
 (:func:`refine_tta.refine.loop.adapt`)."""
+
+DRIFT_PROBE = Path(__file__).resolve().parent / "data" / "drift_probe.txt"
+"""A fixed generic English text (not any document): its NTP loss, base vs adapted, is each
+adaptation's *drift* figure."""
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,7 @@ class AdaptJob:
     config: RefineConfig
     owner: str | None
     on_progress: Callable[[dict[str, Any]], None] | None = None
+    base_session: str | None = None  # continue from this session's delta (same owner, same scope)
     kind: str = "adapt"
 
     def run(self, engine: Engine, handle: JobHandle) -> Session:
@@ -225,6 +232,8 @@ class Engine:
         self._running: JobHandle | None = None
         self._accepting = False
         self._thread: threading.Thread | None = None
+        self.default_preset = preset_for_model(loaded.fingerprint.config_hash)
+        self._probe_ids: list[int] | None = None
         self._counters = {"adaptations_total": 0, "adaptation_steps_total": 0, "adaptation_seconds_total": 0.0,
                           "generations_total": 0, "generated_tokens_total": 0, "generation_seconds_total": 0.0,
                           "cancelled_total": 0, "failed_total": 0, "rejected_total": 0}
@@ -237,6 +246,8 @@ class Engine:
         self._thread = threading.Thread(target=self._work, name="refine-tta-worker", daemon=True)
         self._thread.start()
         log.info("engine started: model %s on %s, limits %s", self.loaded.name, self.loaded.device, self.limits)
+        log.info("default adaptation preset %r (%s)", self.default_preset,
+                 "the embedded model" if self.default_preset == "embedded" else "not the embedded model")
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
@@ -279,10 +290,15 @@ class Engine:
         return self._codec.decode(ids)
 
     def submit_adapt(self, document: str, config: RefineConfig, owner: str | None,
-                     on_progress: Callable[[dict[str, Any]], None] | None = None) -> JobHandle:
+                     on_progress: Callable[[dict[str, Any]], None] | None = None,
+                     base_session: str | None = None) -> JobHandle:
         """Check and queue an adaptation. The future resolves to the stored :class:`Session`
-        (metadata only). Raises LimitExceeded / InvalidSettings / QueueFull / Unavailable."""
+        (metadata only). ``base_session``: continue from that session's adapted weights (it must be
+        the owner's and have the same scope). Raises LimitExceeded / InvalidSettings / NotFound /
+        QueueFull / Unavailable."""
         limits = self.limits
+        if base_session is not None:
+            self._check_base(base_session, config, owner)
         if config.steps > limits.max_steps:
             raise LimitExceeded("max_steps", config.steps, limits.max_steps, what="settings.steps")
         if config.mode == "refine" and config.n_chunks * config.n * config.k > limits.max_rollout_tokens:
@@ -303,7 +319,18 @@ class Engine:
             config.validate_document(len(ids))
         except ValueError as exc:
             raise InvalidSettings(str(exc)) from None
-        return self.submit(AdaptJob(ids, config, owner, on_progress))
+        return self.submit(AdaptJob(ids, config, owner, on_progress, base_session))
+
+    def _check_base(self, base_session: str, config: RefineConfig, owner: str | None) -> None:
+        """NotFound for a session that is not the owner's; InvalidSettings for another scope."""
+        base = self.sessions.info(base_session, owner)
+        try:
+            base_scope = scope_for(RefineConfig.from_dict(base.settings)).describe()
+        except ValueError as exc:
+            raise InvalidSettings(f"base_session {base_session!r} has unusable settings: {exc}") from None
+        if base_scope != scope_for(config).describe():
+            raise InvalidSettings(f"base_session {base_session!r} was adapted with scope {base_scope}; this "
+                                  f"adaptation's scope is {scope_for(config).describe()}: they must be equal")
 
     def submit_generate(self, session_id: str | None, prompt: str, sampling: SamplingConfig, owner: str | None,
                         on_text: Callable[[str, int], None] | None = None) -> JobHandle:
@@ -423,8 +450,13 @@ class Engine:
                 on_progress(jsonable(step))
 
         ids = torch.tensor([job.document_ids], dtype=torch.long, device=self.loaded.device)
+        start = None
+        if job.base_session is not None:
+            start = self.sessions.get(job.base_session, job.owner).delta
+        probe = torch.tensor([self._drift_probe()], dtype=torch.long, device=self.loaded.device)
         try:
-            result = adapt(self.loaded.model, ids, job.config, on_step=on_step, should_stop=handle.should_stop)
+            result = adapt(self.loaded.model, ids, job.config, start=start, probe_ids=probe, on_step=on_step,
+                           should_stop=handle.should_stop)
         except AdaptCancelled as exc:
             raise Cancelled("adaptation cancelled") from exc
         except ValueError as exc:  # model-dependent settings, e.g. layers out of range, unknown lora targets
@@ -433,13 +465,21 @@ class Engine:
             self._count(adaptation_seconds_total=time.perf_counter() - t0)
         if handle.cancelled:  # cancelled after the last step: do not store what nobody will see
             raise Cancelled("adaptation cancelled")
-        session = Session.create(job.owner, job.config.to_dict(), jsonable(result.stats), len(job.document_ids),
+        stats = jsonable(result.stats)
+        stats["total"]["base_session"] = job.base_session
+        session = Session.create(job.owner, job.config.to_dict(), stats, len(job.document_ids),
                                  result.state.detach(), result.delta)
         stored = self.sessions.put(session)
         self._count(adaptations_total=1)
         log.info("adapted %d tokens -> %s (%d state + %d delta bytes) in %.2f s", len(job.document_ids), stored.id,
                  stored.state_bytes, stored.delta_bytes, time.perf_counter() - t0)
         return stored
+
+    def _drift_probe(self) -> list[int]:
+        """The drift text's token ids (with BOS), encoded once."""
+        if self._probe_ids is None:
+            self._probe_ids = self.encode(DRIFT_PROBE.read_text(encoding="utf-8"), add_special_tokens=True)
+        return self._probe_ids
 
     def _run_generate(self, job: GenerateJob, handle: JobHandle) -> GenerationResult:
         if job.session_id is None:

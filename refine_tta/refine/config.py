@@ -7,9 +7,18 @@ ppo_coef 0.4, clip 0.2/0.2, dual clip 3, weight decay 0.01, grad clip 1.0) excep
 ``steps``.
 
 ``PRESETS`` are named sets of overrides for a deployment, chosen explicitly by name (the server's
-``refine_preset`` setting, the CLI's ``--preset``): ``embedded`` is what the sweep in
-BENCHMARKS.md chose for the embedded 10M model; ``paper`` is the paper's test-time setting for its
-1.3B model; ``library`` is RefineConfig's own defaults.
+``refine_preset`` setting, the CLI's ``--preset``) or from the model by :func:`preset_for_model`:
+
+* ``embedded``: what the sweep in BENCHMARKS.md chose for the embedded 10M model (every parameter,
+  lr 3e-3). Only for that model: on a 1.3B model it would move every weight by up to 1e-2.
+* ``safe``: the default for every other model. LoRA rank 8 on q/k/v/o, lr 1e-4, 4 steps. It
+  cannot destroy a model: B starts at zero and AdamW moves each entry by about lr per step, so
+  after 4 steps the adapter is a rank-8 change of at most ~4e-4 per factor entry; the session stays
+  small (37 MiB for DeltaNet-1.3B, docs/adaptation.md), and every adaptation reports its *drift*
+  (NTP loss change on a fixed generic text) so damage is visible.
+* ``paper``: the paper's test-time setting for its 1.3B model (lr 1e-6, every parameter, reset per
+  document); at bf16 resolution its change is mostly invisible to a bf16 read.
+* ``library``: RefineConfig's own defaults.
 """
 
 from __future__ import annotations
@@ -29,9 +38,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # benchmarks/results/sweep*.json: full scope, 4 steps; hybrid reward at lr 3e-3 had the best
     # exact match on the dev documents (binary rewards are almost always 0 for a model this small).
     "embedded": {"steps": 4, "lr": 3e-3, "reward": "hybrid", "scope": "full"},
+    "safe": {"steps": 4, "lr": 1e-4, "reward": "binary", "scope": "lora", "lora_rank": 8, "lora_alpha": 16.0,
+             "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
     "paper": {"lr": 1e-6, "reward": "binary", "scope": "full"},
     "library": {},
 }
+
+# ``refine_tta.model.loading.config_hash`` of models/refine-tiny-deltanet (any dtype); a test keeps
+# it equal to the shipped model's.
+EMBEDDED_CONFIG_HASH = "13914d6fce270a1f"
+
+
+def preset_for_model(config_hash: str) -> str:
+    """The preset a model gets by default: ``embedded`` for the embedded model (recognised by its
+    config hash), ``safe`` for any other."""
+    return "embedded" if config_hash == EMBEDDED_CONFIG_HASH else "safe"
 
 
 def preset(name: str) -> dict[str, Any]:
