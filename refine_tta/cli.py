@@ -20,11 +20,12 @@ from refine_tta.defaults import default_model_path
 def add_refine_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded model)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--preset", default="embedded", help="named defaults (refine_tta.refine.config.PRESETS)")
+    p.add_argument("--preset", default="auto", help="named defaults (refine_tta.refine.config.PRESETS); auto: "
+                                                     "from the model (embedded for the embedded model, else safe)")
     p.add_argument("--mode", default="refine", choices=["refine", "sft", "none"])
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--scope", default=None, choices=["full", "lora", "layers"])
+    p.add_argument("--scope", default=None, choices=["full", "lora", "layers", "projections"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the full statistics as JSON")
@@ -42,12 +43,13 @@ def add_subcommands(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-def _config(args):
-    from refine_tta.refine.config import RefineConfig, preset
+def _config(args, loaded):
+    from refine_tta.refine.config import RefineConfig, preset, preset_for_model
 
     overrides = {k: v for k, v in {"mode": args.mode, "steps": args.steps, "lr": args.lr,
                                    "scope": args.scope, "seed": args.seed}.items() if v is not None}
-    return RefineConfig.from_dict({**preset(args.preset), **overrides})
+    name = preset_for_model(loaded.fingerprint.config_hash) if args.preset == "auto" else args.preset
+    return RefineConfig.from_dict({**preset(name), **overrides})
 
 
 def _adapt_and_answer(loaded, document: str, question: str, args, label: str):
@@ -59,7 +61,7 @@ def _adapt_and_answer(loaded, document: str, question: str, args, label: str):
     from refine_tta.refine.loop import adapt
 
     tok = loaded.tokenizer
-    cfg = _config(args)
+    cfg = _config(args, loaded)
     ids = torch.tensor([tok.encode(document)], device=loaded.device)
     bar = tqdm(total=cfg.steps, desc=f"adapt [{label}]", unit="step", file=sys.stderr, disable=cfg.mode == "none")
 
