@@ -48,6 +48,7 @@ from torch.nn.utils import parametrize
 from refine_tta.model.state import StateMismatchError
 
 DELTA_FORMAT = "refine-tta-delta/2"
+_DELTA_FORMAT_V1 = "refine-tta-delta/1"  # kind + scale in the header; read for sessions made before /2
 FAST_WEIGHT_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "b_proj")
 
 
@@ -148,7 +149,7 @@ class ProjectionScope(Scope):
         return found
 
     def describe(self):
-        return {"kind": self.kind, "targets": list(self.targets)}
+        return {"kind": self.kind, "targets": sorted(self.targets)}
 
 
 @dataclass(frozen=True)
@@ -177,7 +178,7 @@ class LoraScope(Scope):
         return shapes
 
     def describe(self):
-        return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "targets": list(self.targets)}
+        return {"kind": self.kind, "rank": self.rank, "alpha": self.alpha, "targets": sorted(self.targets)}
 
     def new_delta(self, model, generator):
         delta = super().new_delta(model, generator)
@@ -446,14 +447,29 @@ class ParameterDelta:
     def load(cls, path: str | Path, fingerprint: dict | None, device="cpu") -> ParameterDelta:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = f.metadata() or {}
-            if meta.get("format") != DELTA_FORMAT:
+            if meta.get("format") not in (DELTA_FORMAT, _DELTA_FORMAT_V1):
                 raise StateMismatchError(f"{path} is not a {DELTA_FORMAT} file")
             saved_fp = json.loads(meta["fingerprint"])
             if fingerprint is not None and saved_fp != fingerprint:
                 diff = [k for k in fingerprint if saved_fp.get(k) != fingerprint[k]]
                 raise StateMismatchError(f"{path} was made for another model (differs in {', '.join(diff)})")
             tensors = {k: f.get_tensor(k) for k in f.keys() if k != "__empty__"}
+        if meta["format"] == _DELTA_FORMAT_V1:
+            return cls.from_tensors(_v1_scope(meta["kind"], float(meta["scale"]), tensors), tensors)
         return cls.from_tensors(json.loads(meta["scope"]), tensors)
+
+
+def _v1_scope(kind: str, scale: float, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """The scope description of a refine-tta-delta/1 file (same tensor names and meaning)."""
+    if kind in ("none", "full"):
+        return {"kind": kind}
+    if kind == "layers":
+        return {"kind": kind, "layers": sorted({block_index(n) for n in tensors})}
+    if kind == "lora":
+        a = next(t for n, t in tensors.items() if n.endswith(".lora_A"))
+        targets = sorted({n[: -len(".lora_A")].split(".")[-1] for n in tensors if n.endswith(".lora_A")})
+        return {"kind": kind, "rank": a.shape[0], "alpha": scale * a.shape[0], "targets": targets}
+    raise StateMismatchError(f"unknown delta kind {kind!r}")
 
 
 # ---------------------------------------------------------------------------------------------
