@@ -34,7 +34,7 @@ def make_session(seed: int, owner: str | None = None, clock: FakeClock | None = 
                                                                       for _ in range(3)))
               for _ in range(2)]
     state = DocumentState(layers, n_tokens=100 + seed, next_logits=torch.randn(1, 32, generator=g))
-    delta = ParameterDelta("full", {"model.layers.0.attn.q_proj.weight": torch.randn(16, 16, generator=g)})
+    delta = ParameterDelta({"kind": "full"}, {"model.layers.0.attn.q_proj.weight": torch.randn(16, 16, generator=g)})
     now = None if clock is None else clock()
     return Session.create(owner, {"mode": "refine", "seed": seed}, {"steps": [{"step": 1}], "total": {"seconds": 0.5}},
                           100 + seed, state, delta, now=now)
