@@ -11,11 +11,13 @@ ppo_coef 0.4, clip 0.2/0.2, dual clip 3, weight decay 0.01, grad clip 1.0) excep
 
 * ``embedded``: what the sweep in BENCHMARKS.md chose for the embedded 10M model (every parameter,
   lr 3e-3). Only for that model: on a 1.3B model it would move every weight by up to 1e-2.
-* ``safe``: the default for every other model. LoRA rank 8 on q/k/v/o, lr 1e-4, 4 steps. It
-  cannot destroy a model: B starts at zero and AdamW moves each entry by about lr per step, so
-  after 4 steps the adapter is a rank-8 change of at most ~4e-4 per factor entry; the session stays
-  small (37 MiB for DeltaNet-1.3B, docs/adaptation.md), and every adaptation reports its *drift*
-  (NTP loss change on a fixed generic text) so damage is visible.
+* ``safe``: the default for every other model. LoRA rank 8 on q/k/v/o, lr 1e-3, 4 steps. It
+  cannot destroy a model: B starts at zero and AdamW moves each factor entry by about lr per step,
+  so after 4 steps the adapter is a rank-8 change with factor entries moved by at most ~4e-3; the
+  session stays small (37 MiB for DeltaNet-1.3B, docs/adaptation.md), and every adaptation reports
+  its *drift* (NTP loss change on a fixed generic text) so damage is visible. lr 1e-3, not 1e-4:
+  a fresh LoRA at 1e-4 moves the logits by ~2e-3 of their norm, under bf16's resolution
+  (benchmarks/results/mixed_precision.json).
 * ``paper``: the paper's test-time setting for its 1.3B model (lr 1e-6, every parameter, reset per
   document); at bf16 resolution its change is mostly invisible to a bf16 read.
 * ``library``: RefineConfig's own defaults.
@@ -38,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # benchmarks/results/sweep*.json: full scope, 4 steps; hybrid reward at lr 3e-3 had the best
     # exact match on the dev documents (binary rewards are almost always 0 for a model this small).
     "embedded": {"steps": 4, "lr": 3e-3, "reward": "hybrid", "scope": "full"},
-    "safe": {"steps": 4, "lr": 1e-4, "reward": "binary", "scope": "lora", "lora_rank": 8, "lora_alpha": 16.0,
+    "safe": {"steps": 4, "lr": 1e-3, "reward": "binary", "scope": "lora", "lora_rank": 8, "lora_alpha": 16.0,
              "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
     "paper": {"lr": 1e-6, "reward": "binary", "scope": "full"},
     "library": {},
