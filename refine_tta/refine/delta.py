@@ -398,9 +398,6 @@ class ParameterDelta:
         scope_from_description(description)  # unknown kinds fail here
         return cls(dict(description), {k: v.float() for k, v in tensors.items()})
 
-    def detached(self) -> ParameterDelta:
-        return ParameterDelta(dict(self.scope), {k: v.detach().clone() for k, v in self.tensors.items()})
-
     def weight_deltas(self) -> dict[str, torch.Tensor]:
         """parameter name -> additive fp32 change of that parameter (LoRA factors multiplied out)."""
         if self.kind != "lora":
