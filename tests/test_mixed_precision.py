@@ -106,3 +106,16 @@ def test_a_delta_below_bf16_resolution_reaches_the_output():
     expect = (base.float() + F.linear(x, d.to(torch.bfloat16)).float()).to(torch.bfloat16)
     assert torch.equal(out, expect)
     assert not torch.equal(out, base)
+
+
+def test_embedding_delta_keeps_the_padding_row_frozen_like_the_module():
+    """nn.Embedding(padding_idx=p) gives row p no gradient from lookups; neither may its delta."""
+    from refine_tta.refine import delta as delta_mod
+
+    emb = torch.nn.Embedding(10, 4, padding_idx=0)
+    model = torch.nn.Sequential(emb)
+    delta_mod._CALLED[model] = frozenset({"0"})
+    d = torch.zeros(10, 4, requires_grad=True)
+    with delta_mod.attached(model, {"kind": "full"}, {"0.weight": d}):
+        model(torch.tensor([[0, 3, 0, 5]])).sum().backward()
+    assert float(d.grad[0].abs().sum()) == 0 and float(d.grad[3].abs().sum()) > 0

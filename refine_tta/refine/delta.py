@@ -282,8 +282,9 @@ class _AddLowRank(torch.nn.Module):
 def _dense_hook(delta: torch.Tensor, embedding: bool):
     def hook(module, args, out):
         x = args[0]
-        if embedding:
-            return _beside(out, F.embedding(x, delta))
+        if embedding:  # the same lookup as the module's (padding_idx: that row gets no gradient)
+            return _beside(out, F.embedding(x, delta, module.padding_idx, module.max_norm, module.norm_type,
+                                            module.scale_grad_by_freq, module.sparse))
         return _beside(out, F.linear(x, delta.to(x.dtype)))
     return hook
 
