@@ -76,7 +76,7 @@ def one_step(model, ids, cfg, kind: str) -> dict:
     was_training = model.training
     model.eval()
     try:
-        with trainable_scope(model, cfg, gen) as scope:
+        with trainable_scope(model, cfg, gen) as scope, scope.attached(model):
             opt = torch.optim.AdamW(scope.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             _sync(device)
             t, cpu = time.perf_counter(), time.process_time()

@@ -20,7 +20,7 @@ def add_arm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arms", default="none,sft,refine", help="comma-separated modes to compare")
     p.add_argument("--steps", type=int, default=None, help="adaptation steps (default: RefineConfig's)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: RefineConfig's)")
-    p.add_argument("--scope", default=None, choices=["full", "lora", "layers"])
+    p.add_argument("--scope", default=None, choices=["full", "lora", "layers", "projections"])
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other RefineConfig field for the adapted arms, e.g. --set reward=hybrid")
     p.add_argument("--seed", type=int, default=0, help="seed of the tasks and of every adaptation")

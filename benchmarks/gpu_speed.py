@@ -237,7 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokens", type=int, default=None, help="document length for parts 2-3 (default 16384; tiny 512)")
     p.add_argument("--check-tokens", type=int, default=None, help="length of the kernel check (default 2048; tiny 128)")
     p.add_argument("--dtype", default=None, choices=sorted(DTYPES), help="dtype of parts 2-3 (default bf16 on CUDA)")
-    p.add_argument("--scope", default="full", choices=["full", "lora"])
+    p.add_argument("--scope", default="full", choices=["full", "lora", "projections"])
     p.add_argument("--decode-tokens", type=int, default=128)
     p.add_argument("--skip", default="", help="parts to skip: kernels,refine,prefill")
     p.add_argument("--seed", type=int, default=0)

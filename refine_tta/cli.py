@@ -24,10 +24,11 @@ DEMO_MODES = ("sft", "refine")
 def add_common_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="model directory or hub id (default: the embedded model)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--preset", default="embedded", help="named defaults (refine_tta.refine.config.PRESETS)")
+    p.add_argument("--preset", default="auto", help="named defaults (refine_tta.refine.config.PRESETS); auto: "
+                                                     "from the model (embedded for the embedded model, else safe)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--lr", type=float, default=None)
-    p.add_argument("--scope", default=None, choices=["full", "lora", "layers"])
+    p.add_argument("--scope", default=None, choices=["full", "lora", "layers", "projections"])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--threads", type=int, default=None,
@@ -51,12 +52,28 @@ def add_subcommands(sub) -> None:
     demo.set_defaults(func=cmd_demo)
 
 
-def _config(args, mode: str):
+def _config(args, mode: str, preset_name: str):
     from refine_tta.refine.config import RefineConfig, preset
 
     overrides = {k: v for k, v in {"mode": mode, "steps": args.steps, "lr": args.lr,
                                    "scope": args.scope, "seed": args.seed}.items() if v is not None}
-    return RefineConfig.from_dict({**preset(args.preset), **overrides})
+    return RefineConfig.from_dict({**preset(preset_name), **overrides})
+
+
+def _check_configs(args, modes: list[str]) -> None:
+    """Refuse bad options before loading anything: under every preset ``--preset`` may stand for."""
+    from refine_tta.refine.config import PRESETS
+
+    for name in (PRESETS if args.preset == "auto" else [args.preset]):
+        for mode in modes:
+            _config(args, mode, name)
+
+
+def _model_preset(args, loaded) -> str:
+    """``--preset``, or under 'auto' the model's own (embedded for the embedded model, else safe)."""
+    from refine_tta.refine.config import preset_for_model
+
+    return preset_for_model(loaded.fingerprint.architecture, loaded.fingerprint.config_hash) if args.preset == "auto" else args.preset
 
 
 def _progress(steps: int, label: str, disable: bool):
@@ -113,8 +130,9 @@ def _start(args):
 
 def cmd_ask(args) -> int:
     document = sys.stdin.read() if args.document == "-" else open(args.document, encoding="utf-8").read()
-    cfg = _config(args, args.mode)
+    _check_configs(args, [args.mode])
     loaded = _start(args)
+    cfg = _config(args, args.mode, _model_preset(args, loaded))
     import torch
 
     tok = loaded.tokenizer
@@ -138,8 +156,9 @@ def cmd_demo(args) -> int:
     unknown = [m for m in modes if m not in DEMO_MODES]
     if unknown or not modes:
         raise ValueError(f"--modes must name some of {', '.join(DEMO_MODES)}; got {args.modes!r}")
-    configs = [_config(args, "none")] + [_config(args, m) for m in modes]  # checked before loading anything
+    _check_configs(args, ["none", *modes])
     loaded = _start(args)
+    configs = [_config(args, m, _model_preset(args, loaded)) for m in ["none", *modes]]
     from refine_tta.demo import format_header, format_rows, make_demo_document, run_mode
 
     doc = make_demo_document(loaded.tokenizer, args.seed, args.tokens)

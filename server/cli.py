@@ -75,7 +75,7 @@ SETTING_OPTIONS: dict[str, tuple[str, dict]] = {
     "retry_after_s": ("--retry-after-s", {"type": int, "help": "Retry-After (seconds) sent with 429"}),
     "session_memory_bytes": ("--session-memory-bytes", {"type": _bytes_or_none, "help": "or 'none'"}),
     "session_disk_bytes": ("--session-disk-bytes", {"type": _bytes_or_none, "help": "or 'none'"}),
-    "refine_preset": ("--refine-preset", {"help": "named adaptation defaults: embedded (default), paper, library"}),
+    "refine_preset": ("--refine-preset", {"help": "named adaptation defaults: auto (default: from the model), embedded, safe, paper, library"}),
     "refine_defaults": ("--refine-defaults", {"type": _json_object, "metavar": "JSON",
                                               "help": "RefineConfig fields over the preset, e.g. '{\"steps\": 2}'"}),
     "prune_sessions_at_start": ("--prune-sessions-at-start", {

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from refine_tta.engine import Unavailable
 from server.metrics import ServerMetrics
-from server.settings import ServerSettings
+from server.settings import AUTO_PRESET, ServerSettings
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -96,8 +96,9 @@ class Runtime:
         return Unavailable(self.status_message(), retry_after=None if self.error is not None
                            else self.retry_after_loading)
 
-    def summary(self, loaded: LoadedModel, store: SessionStore) -> str:
-        """The one start-up line: what serves, where, with what."""
+    def summary(self, loaded: LoadedModel, store: SessionStore, model_preset: str) -> str:
+        """The one start-up line: what serves, where, with what (``model_preset``: the preset 'auto'
+        stands for with this model)."""
         import torch
 
         s = self.settings
@@ -105,8 +106,9 @@ class Runtime:
         refused = f", {len(store.refused)} refused (other model)" if store.refused else ""
         auth = f"{len(s.api_keys)} API key{'s' if len(s.api_keys) != 1 else ''}" if s.api_keys else "none"
         where = f" on {self.address}" if self.address else ""
+        preset = f"{model_preset} (auto)" if s.refine_preset == AUTO_PRESET else s.refine_preset
         return (f"ready{where}: model {loaded.name} on {loaded.device} ({loaded.backend.name} kernels, "
-                f"{str(loaded.dtype).replace('torch.', '')}); threads: {threads}; preset {s.refine_preset}"
+                f"{str(loaded.dtype).replace('torch.', '')}); threads: {threads}; preset {preset}"
                 f"{' + ' + str(s.refine_defaults) if s.refine_defaults else ''}; state dir {s.state_dir}: "
                 f"{len(store)} sessions restored{refused}; auth: {auth}")
 
@@ -146,8 +148,8 @@ class Runtime:
         from server.serving import Serving
 
         self.engine = engine
-        self.serving = Serving(engine, s.adapt_defaults, self.started_at)
-        log.info("%s", self.summary(loaded, store))
+        self.serving = Serving(engine, s.adapt_defaults(engine.default_preset), self.started_at)
+        log.info("%s", self.summary(loaded, store, engine.default_preset))
         self.warn_unowned(store)
 
     def begin_shutdown(self) -> None:

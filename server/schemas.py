@@ -85,6 +85,8 @@ class AdaptRequest(BaseModel):
 
     document: str = Field(min_length=1, description="the text to adapt to")
     settings: AdaptSettings = Field(default_factory=AdaptSettings)
+    base_session: str | None = Field(None, description="continue from this session's adapted weights (one of "
+                                                       "yours, adapted with the same scope)")
     stream: bool = False
 
     _unicode = field_validator("document")(_valid_unicode)

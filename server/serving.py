@@ -90,10 +90,11 @@ class Serving:
     async def adapt(self, body: AdaptRequest, request: Request, owner: str | None) -> Any:
         config = self.refine_config(body.settings.given())
         if not body.stream:
-            handle = await run_in_threadpool(self.engine.submit_adapt, body.document, config, owner)
+            handle = await run_in_threadpool(self.engine.submit_adapt, body.document, config, owner,
+                                             base_session=body.base_session)
             return AdaptResponse.of(await wait_for_job(handle, request))
         return await self._stream(
-            lambda on_item: self.engine.submit_adapt(body.document, config, owner, on_item),
+            lambda on_item: self.engine.submit_adapt(body.document, config, owner, on_item, body.base_session),
             item=lambda event, data: {"event": event, "data": json.dumps(data)},  # "started", then "progress"
             done=lambda session: [{"event": "done", "data": AdaptResponse.of(session).model_dump_json()}],
             error=lambda exc: {"event": "error", "data": describe(exc).json()})

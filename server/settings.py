@@ -15,7 +15,9 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from refine_tta.defaults import EMBEDDED_MODEL_DIR
-from refine_tta.refine.config import RefineConfig, preset
+from refine_tta.refine.config import PRESETS, RefineConfig, preset
+
+AUTO_PRESET = "auto"
 
 
 def default_state_dir() -> Path:
@@ -59,7 +61,9 @@ class ServerSettings(BaseSettings):
     shutdown_grace_s: float = Field(10.0, ge=0, le=3600, description="at SIGTERM, how long a running job may "
                                                                     "finish before it is cancelled (503)")
 
-    refine_preset: str = Field("embedded", description="named RefineConfig overrides (refine_tta.refine.config.PRESETS)")
+    refine_preset: str = Field("auto", description="named RefineConfig overrides (refine_tta.refine.config.PRESETS); "
+                                                   "'auto': chosen from the model (embedded for the embedded "
+                                                   "model, safe for any other)")
     refine_defaults: dict[str, Any] = Field(default_factory=dict,
                                             description="RefineConfig fields applied after the preset, before a "
                                                         "request's settings")
@@ -85,21 +89,24 @@ class ServerSettings(BaseSettings):
     @field_validator("refine_preset")
     @classmethod
     def _check_preset(cls, value: str) -> str:
-        preset(value)
+        if value != AUTO_PRESET:
+            preset(value)
         return value
 
-    @property
-    def adapt_defaults(self) -> dict[str, Any]:
-        """What a request's settings are laid over: the preset, then ``refine_defaults``."""
-        return {**preset(self.refine_preset), **self.refine_defaults}
+    def adapt_defaults(self, model_preset: str) -> dict[str, Any]:
+        """What a request's settings are laid over: the preset (``model_preset``, the one chosen
+        from the model, when ``refine_preset`` is 'auto'), then ``refine_defaults``."""
+        name = model_preset if self.refine_preset == AUTO_PRESET else self.refine_preset
+        return {**preset(name), **self.refine_defaults}
 
     @model_validator(mode="after")
     def _check_default_steps(self) -> ServerSettings:
-        steps = RefineConfig.from_dict(self.adapt_defaults).steps
-        if steps > self.max_steps:
-            source = ("refine_defaults" if "steps" in self.refine_defaults
-                      else f"the preset {self.refine_preset!r}")
-            raise ValueError(f"max_steps={self.max_steps} is below the default steps={steps} of {source}: "
-                             f"raise max_steps, or lower the default with refine_defaults "
-                             f"{{\"steps\": {self.max_steps}}}")
+        candidates = PRESETS if self.refine_preset == AUTO_PRESET else [self.refine_preset]
+        for name in candidates:
+            steps = RefineConfig.from_dict(self.adapt_defaults(name)).steps
+            if steps > self.max_steps:
+                source = "refine_defaults" if "steps" in self.refine_defaults else f"the preset {name!r}"
+                raise ValueError(f"max_steps={self.max_steps} is below the default steps={steps} of {source}: "
+                                 f"raise max_steps, or lower the default with refine_defaults "
+                                 f"{{\"steps\": {self.max_steps}}}")
         return self

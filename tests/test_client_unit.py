@@ -199,6 +199,24 @@ def test_adapt_sends_only_given_settings(mock: respx.MockRouter, client: RefineC
     assert result.session_id == "sess_abc" and result.stats.total["ntp_loss_after"] == 2.8
 
 
+def test_adapt_base_session_in_the_body(mock: respx.MockRouter, client: RefineClient) -> None:
+    route = mock.post("/v1/adapt").respond(200, json=ADAPT_BODY)
+    client.adapt("more text", base_session="sess_abc")
+    body = json.loads(route.calls.last.request.content)
+    assert body == {"document": "more text", "settings": {}, "stream": False, "base_session": "sess_abc"}
+
+
+def test_async_adapt_base_session_in_the_body(mock: respx.MockRouter) -> None:
+    route = mock.post("/v1/adapt").respond(200, json=ADAPT_BODY)
+
+    async def run() -> None:
+        async with rtc.AsyncRefineClient(base_url=BASE) as aclient:
+            await aclient.adapt("more text", base_session="sess_abc")
+
+    asyncio.run(run())
+    assert json.loads(route.calls.last.request.content)["base_session"] == "sess_abc"
+
+
 def test_models_keep_unknown_fields(mock: respx.MockRouter, client: RefineClient) -> None:
     mock.post("/v1/generate").respond(200, json={**GENERATE_BODY, "new_field": [1, 2]})
     result = client.generate("sess_abc", "Question: ?")
@@ -770,6 +788,21 @@ def test_cli_adapt(
         "ntp loss         3.1 -> 2.8",
         "seconds          2.8",
     ]
+
+
+def test_cli_adapt_base_session_and_drift(
+    mock: respx.MockRouter, sleeps: Sleeps, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = json.loads(json.dumps(ADAPT_BODY))
+    body["stats"]["total"].update(drift={"probe_tokens": 200, "ntp_base": 3.5, "ntp_adapted": 3.25, "change": -0.25},
+                                  base_session="sess_old")
+    route = mock.post("/v1/adapt").respond(200, json=body)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("next document"))
+    argv = ["adapt", "-", "--no-progress", "--base-session", "sess_old"]
+    assert cli.main(argv, client_factory=cli_factory(sleeps)) == 0
+    assert json.loads(route.calls.last.request.content)["base_session"] == "sess_old"
+    out = capsys.readouterr().out
+    assert "drift (generic text NTP)  3.5 -> 3.25" in out and "continued from" in out and "sess_old" in out
 
 
 def test_cli_adapt_stdin(

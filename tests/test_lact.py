@@ -34,7 +34,7 @@ from refine_tta.model.loading import fingerprint_model, load_model, prepare_mode
 from refine_tta.model.runtime import read
 from refine_tta.engine.storage import SessionRecord, SessionRefused, SessionStorage, StoredPart, new_session_id
 from refine_tta.model.state import DocumentState
-from refine_tta.refine.config import RefineConfig
+from refine_tta.refine.config import LACT_MODEL_TYPE, RefineConfig, preset, preset_for_model
 from refine_tta.refine.loop import adapt
 
 VOCAB = 128
@@ -440,6 +440,20 @@ def test_branch_equals_reference_on_lact(lact, case):
         names = [n for n, p in lact.named_parameters()]
         w1 = names.index("model.layers.0.attn.w1")
         assert gb[w1].abs().max() > 0
+
+
+def test_default_preset_for_lact_adapts_it_with_lora_on_its_projections(lact):
+    """A LaCT model is not the embedded model: its default is the safe LoRA, on LaCT's own names."""
+    assert LaCTSWIGLUConfig.model_type == LACT_MODEL_TYPE
+    name = preset_for_model(fingerprint_model(lact).architecture, fingerprint_model(lact).config_hash)
+    assert name == "safe-lact"
+    snap = snapshot(lact)
+    cfg = RefineConfig.from_dict({**preset(name), "n_chunks": 4, "edge_margin": 10, "steps": 1})
+    res = adapt(lact, doc(70, seed=8), cfg)
+    assert_same_model(lact, snap)
+    modules = {k.rsplit(".", 2)[-2] for k in res.delta.tensors}
+    assert modules == {"qkv", "o_proj"} and all(k.endswith((".lora_A", ".lora_B")) for k in res.delta.tensors)
+    assert any(float(t.abs().max()) > 0 for k, t in res.delta.tensors.items() if k.endswith(".lora_B"))
 
 
 def test_adapt_restores_base_and_returns_state_read_with_delta(lact):

@@ -33,6 +33,7 @@ from torch.nn.utils import parametrize
 from refine_tta.model.decoding import TokenSampling, generate_tokens
 from refine_tta.model.loading import prepare_model, register_fla_models
 from refine_tta.model.runtime import read, read_document
+from refine_tta.refine import loop as loop_mod
 from refine_tta.refine import objective as obj
 from refine_tta.refine import rollout as ro
 from refine_tta.refine.config import RefineConfig
@@ -120,11 +121,12 @@ def both_paths(model, ids, cfg, seed=0, perturb_lora=True):
 
     Returns (branch stats, reference stats, branch grads, reference grads, inputs)."""
     gen = torch.Generator().manual_seed(seed)
-    with trainable_scope(model, cfg, gen) as scope:
+    with trainable_scope(model, cfg, gen) as scope, scope.attached(model):
         if perturb_lora and cfg.scope == "lora":  # B = 0 at init would leave A's gradient at 0
             with torch.no_grad():
-                for a in scope.lora.values():
-                    a.lora_B.copy_(0.05 * torch.randn(a.lora_B.shape, generator=gen))
+                for name, t in scope.masters.items():
+                    if name.endswith(".lora_B"):
+                        t.copy_(0.05 * torch.randn(t.shape, generator=gen))
         x = step_inputs(model, ids, cfg, gen)
         results = []
         for losses in (_branch_losses, _reference_losses):
@@ -141,7 +143,9 @@ CASES = {
     # id: (L, RefineConfig kwargs)
     "n1-full-cosine-L150": (150, dict(n=1, reward="cosine")),
     "n2-full-hybrid-L171": (171, dict(n=2, reward="hybrid")),
-    "n1-full-binary-L128": (128, dict(n=1, reward="binary")),
+    # binary rewards are mostly 0 on a random model: this generator seed gives matches, so that
+    # the advantages are not all zero (a wrong branch path must not pass by multiplying by 0)
+    "n4-full-binary-L128": (128, dict(n=4, reward="binary", gen_seed=3)),
     "n2-full-ppo-only-L97": (97, dict(n=2, reward="hybrid", sft_coef=0.0, n_chunks=4, edge_margin=8)),
     "n2-lora-cosine-L150": (150, dict(n=2, reward="cosine", scope="lora", lora_rank=4)),
     "n1-lora-hybrid-L150": (150, dict(n=1, reward="hybrid", scope="lora", lora_rank=4,
@@ -156,9 +160,11 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
 def test_branch_equals_reference(model, case):
     L, kw = CASES[case]
+    kw = dict(kw)
+    gen_seed = kw.pop("gen_seed", 0)
     cfg = RefineConfig(k=5, n_chunks=kw.pop("n_chunks", 8), **kw)
     ids = doc(L, seed=L)
-    sb, sr, gb, gr, x = both_paths(model, ids, cfg)
+    sb, sr, gb, gr, x = both_paths(model, ids, cfg, seed=gen_seed)
 
     if case.startswith("n2-short"):
         starts = x.starts.tolist()
@@ -168,8 +174,7 @@ def test_branch_equals_reference(model, case):
                 "cosine_mean", "exact_match_rate", "advantage_abs_mean", "clip_fraction", "approx_kl"):
         assert sb[key] == pytest.approx(sr[key], rel=VALUE_TOL, abs=VALUE_TOL), key
     assert float(sb["_loss"]) == pytest.approx(float(sr["_loss"]), rel=VALUE_TOL, abs=VALUE_TOL)
-    if cfg.reward != "binary":
-        assert sb["advantage_abs_mean"] > 0.1, "PPO term would carry no gradient"
+    assert sb["advantage_abs_mean"] > 0.05, "PPO term would carry no gradient"
 
     assert len(gb) == len(gr) and len(gb) > 0
     for i, (a, b) in enumerate(zip(gb, gr)):
@@ -179,6 +184,49 @@ def test_branch_equals_reference(model, case):
         assert torch.isfinite(a).all()
         torch.testing.assert_close(a, b, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"param {i}: {m}")
     assert max(float(g.abs().max()) for g in gb if g is not None) > 1e-3
+
+
+def _old_offset(tokens: torch.Tensor) -> torch.Tensor:
+    """A fixed function of the rollout tokens [.., k] in [-1.5, 1.5]: old log-prob - current."""
+    k = tokens.shape[-1]
+    return 1.5 * torch.cos(1.3 * tokens.double() + torch.arange(k, dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("kw", [dict(n=2, reward="hybrid"), dict(n=2, reward="cosine", scope="lora", lora_rank=4)],
+                         ids=["full-hybrid", "lora-cosine"])
+def test_branch_equals_reference_with_stale_old_logprobs(model, monkeypatch, kw):
+    """Old log-probs that differ from the current ones (as after an earlier PPO epoch): ratios
+    from 0.22 to 4.5, so the clip and the dual clip are active, in both paths alike."""
+    real_sample, real_score = ro.sample_rollouts, ro.reference_score
+
+    def stale_sample(model_, start, uniforms, temperature):
+        tokens, logp = real_sample(model_, start, uniforms, temperature)
+        return tokens, logp + _old_offset(tokens)
+
+    def stale_score(model_, ids_, r, tokens, temperature):
+        logp, hidden = real_score(model_, ids_, r, tokens, temperature)
+        if torch.is_grad_enabled():  # the update's re-read: the current policy
+            return logp, hidden
+        return logp + _old_offset(tokens), hidden  # the old-log-prob pass
+
+    advantages = []
+    real_adv = obj.group_advantages
+    monkeypatch.setattr(obj, "group_advantages", lambda *a, **k: advantages.append(real_adv(*a, **k)) or advantages[-1])
+    monkeypatch.setattr(ro, "sample_rollouts", stale_sample)
+    monkeypatch.setattr(ro, "reference_score", stale_score)
+    cfg = RefineConfig(k=5, n_chunks=8, **kw)
+    sb, sr, gb, gr, x = both_paths(model, doc(150, seed=5), cfg)
+
+    assert sb["rollout_tokens"] == sr["rollout_tokens"]
+    ratio = torch.exp(-_old_offset(torch.tensor(sb["rollout_tokens"])))  # current == old before the offset
+    adv = advantages[0]
+    assert sb["clip_fraction"] > 0.2 and sb["approx_kl"] != pytest.approx(0.0, abs=1e-3)
+    assert bool(((adv < 0).unsqueeze(1) & (ratio > cfg.dual_clip)).any()), "the dual clip is never active"
+    for key in ("policy_loss", "clip_fraction", "approx_kl", "ntp_loss", "advantage_abs_mean"):
+        assert sb[key] == pytest.approx(sr[key], rel=VALUE_TOL, abs=VALUE_TOL), key
+    assert float(sb["_loss"]) == pytest.approx(float(sr["_loss"]), rel=VALUE_TOL, abs=VALUE_TOL)
+    for i, (a, b) in enumerate(zip(gb, gr)):
+        torch.testing.assert_close(a, b, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"param {i}: {m}")
 
 
 def test_branch_equals_reference_gated_deltanet():
@@ -199,11 +247,12 @@ def both_steps(model, ids, cfg, seed=0):
     Returns (branch stats, reference stats, branch grads, reference grads, branch inputs,
     reference inputs)."""
     gen = torch.Generator().manual_seed(seed)
-    with trainable_scope(model, cfg, gen) as scope:
+    with trainable_scope(model, cfg, gen) as scope, scope.attached(model):
         if cfg.scope == "lora":  # B = 0 at init would leave A's gradient at 0
             with torch.no_grad():
-                for a in scope.lora.values():
-                    a.lora_B.copy_(0.05 * torch.randn(a.lora_B.shape, generator=gen))
+                for name, t in scope.masters.items():
+                    if name.endswith(".lora_B"):
+                        t.copy_(0.05 * torch.randn(t.shape, generator=gen))
         rng = gen.get_state()
         xb, doc_read = branch_step_inputs(model, ids, cfg, gen)
         sb = _branch_losses(model, ids, cfg, xb.starts, xb.uniforms, xb.true, xb.h_true, xb.groups,
@@ -364,6 +413,7 @@ SCOPES = {
     "full": dict(scope="full"),
     "lora": dict(scope="lora", lora_rank=4),
     "layers": dict(scope="layers", layers=(0,)),
+    "projections": dict(scope="projections"),
 }
 
 
@@ -417,22 +467,32 @@ def test_error_mid_way_restores_base_model(model):
     assert_same_model(model, before)
 
 
-def test_failure_while_attaching_lora_restores_base_model(model, monkeypatch):
+@pytest.mark.parametrize("scope", ["lora", "full"])
+def test_failure_while_attaching_restores_base_model(model, monkeypatch, scope):
+    """An error half-way through attaching (after some hooks and parametrizations are in place)."""
     from refine_tta.refine import delta as delta_mod
 
     before = snapshot(model)
-    real, calls = delta_mod.parametrize.register_parametrization, []
+    hooks_before = sum(len(m._forward_hooks) for m in model.modules())
+    calls = []
+    real_p = delta_mod.parametrize.register_parametrization
+    real_d, real_l = delta_mod._dense_hook, delta_mod._lora_hook
 
-    def flaky(module, name, p):
-        calls.append(1)
-        if len(calls) == 3:
-            raise RuntimeError("attach failed")
-        return real(module, name, p)
+    def count(fn):
+        def wrapped(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 5:
+                raise RuntimeError("attach failed")
+            return fn(*args, **kwargs)
+        return wrapped
 
-    monkeypatch.setattr(delta_mod.parametrize, "register_parametrization", flaky)
+    monkeypatch.setattr(delta_mod.parametrize, "register_parametrization", count(real_p))
+    monkeypatch.setattr(delta_mod, "_dense_hook", count(real_d))
+    monkeypatch.setattr(delta_mod, "_lora_hook", count(real_l))
     with pytest.raises(RuntimeError, match="attach failed"):
-        adapt(model, doc(90), RefineConfig(steps=1, scope="lora"))
+        adapt(model, doc(90), RefineConfig(steps=1, **SCOPES[scope]))
     assert_same_model(model, before)
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks_before
 
 
 @pytest.mark.parametrize("scope", ["full", "lora"])
@@ -503,16 +563,25 @@ def test_non_finite_step_is_skipped(model, how, monkeypatch):
     ids = doc(90, seed=7)
     base = snapshot(model)
     armed = [True]
-    after_step: list[dict[str, torch.Tensor]] = []
+    after_step: list[list[torch.Tensor]] = []  # the fp32 masters after each update
 
     def on_step(stats):
         armed[0] = False
-        after_step.append({n: p.detach().clone() for n, p in model.named_parameters()})
 
+    real_update = loop_mod._apply_update
+
+    def spy(params, opt, grad_clip, loss):
+        out = real_update(params, opt, grad_clip, loss)
+        after_step.append([p.detach().clone() for p in params])
+        return out
+
+    monkeypatch.setattr(loop_mod, "_apply_update", spy)
     handle = None
-    if poison == "nan-grad-hook":
-        target = model.model.layers[0].attn.k_proj.weight
-        handle = target.register_hook(lambda g: torch.full_like(g, float("nan")) if armed[0] else g)
+    if poison == "nan-grad-hook":  # the gradient reaching k_proj's output turns NaN
+        def poison_grad(module, args, out):
+            if armed[0] and out.requires_grad:
+                out.register_hook(lambda g: torch.full_like(g, float("nan")))
+        handle = model.model.layers[0].attn.k_proj.register_forward_hook(poison_grad)
     else:
         real = obj.combined_loss
         monkeypatch.setattr(obj, "combined_loss",
@@ -526,9 +595,9 @@ def test_non_finite_step_is_skipped(model, how, monkeypatch):
     assert [s["skipped"] for s in steps] == [True, False]
     assert res.stats["total"]["skipped_steps"] == 1
     assert steps[0]["grad_norm"] is None or not math.isfinite(steps[0]["grad_norm"])
-    for name, (value, _) in base.items():  # the skipped step changed nothing
-        assert torch.equal(after_step[0][name], value), name
-    assert any(not torch.equal(after_step[1][n], base[n][0]) for n in base)  # later steps did
+    assert all(float(t.abs().max()) == 0 for t in after_step[0])  # the skipped step changed nothing
+    assert any(float(t.abs().max()) > 0 for t in after_step[1])  # later steps did
+    assert_same_model(model, base)
     assert all(math.isfinite(s["grad_norm"]) for s in steps[1:])
     json.dumps(res.stats, allow_nan=False)  # strict JSON even with a skipped step
     assert all(torch.isfinite(t).all() for t in res.state.tensors())
@@ -678,3 +747,34 @@ def test_adaptation_lowers_fact_nll_on_default_model(default_model, needle_case,
     else:
         assert nll < base_nll - min(0.05, 0.1 * base_nll), (base_nll, nll)
         assert res.stats["total"]["ntp_loss_after"] < res.stats["total"]["ntp_loss_before"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. an independent reference: the paper's formulas over fla's naive delta rule
+
+
+def test_branch_path_equals_an_independent_reference_over_fla_naive():
+    """Our branch path's gradients == autograd through tests/reference_refine.py (no shared code)."""
+    import reference_refine as ref
+
+    model = make_model(seed=4)
+    cfg = RefineConfig(n=2, k=4, n_chunks=4, edge_margin=8, reward="hybrid")
+    ids = doc(90, seed=21)
+    logits_ours = read(model, ids).logits[0]
+    params = {n: p.detach().clone().requires_grad_(True) for n, p in model.named_parameters()}
+    logits_ref, _ = ref.forward(params, model.config, ids[0].tolist())
+    torch.testing.assert_close(logits_ref, logits_ours, rtol=1e-4, atol=1e-4)  # the forward itself
+
+    gen = torch.Generator().manual_seed(0)
+    with trainable_scope(model, cfg, gen) as scope, scope.attached(model):
+        x = step_inputs(model, ids, cfg, gen)
+        stats = _branch_losses(model, ids, cfg, x.starts, x.uniforms, x.true, x.h_true, x.groups, _Clock(ids.device))
+        ours = {n: t.grad.clone() for n, t in scope.masters.items()}
+    got = ref.refine_loss(params, model.config, ids[0].tolist(), x.starts.tolist(), x.uniforms, cfg)
+    assert got["tokens"] == stats["rollout_tokens"]
+    assert float(got["adv"].abs().mean()) > 0.1  # the PPO term carries gradient
+    assert float(got["loss"]) == pytest.approx(float(stats["_loss"]), rel=1e-4, abs=1e-5)
+    got["loss"].backward()
+    assert sorted(ours) == sorted(params)
+    for name, g in ours.items():
+        torch.testing.assert_close(g, params[name].grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")

@@ -178,30 +178,40 @@ def test_argmax_picks_the_bump_of_each_chunk():
 
 
 def test_argmin_picks_the_dip_of_each_chunk():
-    # deep dips: zero padding lowers the smoothed edges to 6, so the dips must go below that
     entropy = 10.0 - bumps(200, CENTRES, scale=3.0)
     sel = select_positions(entropy, n_chunks=4, k=5, mode="argmin", generator=gen(0))
     assert sel.picked.tolist() == CENTRES
 
 
 def test_argmax_first_index_on_ties():
-    # A lone spike becomes a flat plateau of width 5 after smoothing: the first index wins.
     x = torch.zeros(100)
     x[50] = 1.0
+    x[60] = 1.0
     sel = select_positions(x, n_chunks=1, k=5, mode="argmax", generator=None)
-    assert sel.picked.tolist() == [48]
+    assert sel.picked.tolist() == [50]
     flat = select_positions(torch.ones(100), n_chunks=2, k=3, mode="argmax", generator=None)
-    assert flat.picked.tolist() == [1, 50]  # position 0 is lowered by the zero padding
+    assert flat.picked.tolist() == [0, 50]
+
+
+def test_argmax_and_argmin_use_the_raw_entropy_not_the_smoothed_one():
+    # a lone spike at 10 vs a broad plateau of 0.6 at 30..34: the raw maximum is the spike, the
+    # smoothed one (width 5) the plateau's centre. Likewise for a lone dip.
+    x = torch.zeros(60)
+    x[10] = 1.0
+    x[30:35] = 0.6
+    assert int(torch.argmax(smooth_entropy(x, 5))) == 32
+    assert select_positions(x, n_chunks=1, k=5, mode="argmax", generator=None, edge_margin=0).picked.tolist() == [10]
+    assert select_positions(-x, n_chunks=1, k=5, mode="argmin", generator=None, edge_margin=0).picked.tolist() == [10]
 
 
 def test_clamp_at_both_ends():
-    # spikes at 0 and L-1: argmax picks 0 (plateau 0..2) and 97 (plateau 97..99)
+    # spikes at 0 and L-1: argmax picks 0 and 99
     L, m, k = 100, 20, 5
     x = torch.zeros(L)
     x[0] = 1.0
     x[L - 1] = 1.0
     sel = select_positions(x, n_chunks=2, k=k, mode="argmax", generator=None, edge_margin=m)
-    assert sel.picked.tolist() == [0, 97]
+    assert sel.picked.tolist() == [0, 99]
     assert sel.starts.tolist() == [m, L - m - k]
 
 
@@ -209,7 +219,7 @@ def test_clamp_with_zero_margin_keeps_true_continuation():
     x = torch.zeros(12)
     x[-1] = 5.0
     sel = select_positions(x, n_chunks=1, k=3, mode="argmax", generator=None, edge_margin=0)
-    assert sel.picked.tolist() == [10]
+    assert sel.picked.tolist() == [11]
     assert sel.starts.tolist() == [12 - 3]  # r + k <= L
 
 

@@ -405,6 +405,15 @@ def test_auth(tiny, tmp_path, doc):
             assert r.status_code == 404 and error_of(r)["type"] == "not_found"
         assert c.post("/v1/generate", json={"session_id": sid, "prompt": "a", "max_tokens": 2},
                       headers=a).status_code == 200
+        # base_session: ownership as for any other use; the owner continues from it
+        r = c.post("/v1/adapt", json={"document": doc, "base_session": sid}, headers=b)
+        assert r.status_code == 404 and error_of(r)["type"] == "not_found"
+        r = c.post("/v1/adapt", json={"document": doc, "base_session": sid, "settings": {"scope": "full"}}, headers=a)
+        assert r.status_code == 400 and "scope" in error_of(r)["message"]
+        r = c.post("/v1/adapt", json={"document": doc, "base_session": sid}, headers=a)
+        assert r.status_code == 200, r.text
+        total = r.json()["stats"]["total"]
+        assert total["base_session"] == sid and total["continued"] is True and "change" in total["drift"]
         assert c.delete(f"/v1/sessions/{sid}", headers=a).status_code == 200
 
 
@@ -497,7 +506,9 @@ def test_real_server_matches_the_engine(server, tiny, doc):
         over_http = http.post("/v1/generate", json={"session_id": sid, "prompt": " The keeper", **sampling}).json()
     loaded = load_model(tiny, device="cpu")
     with Engine(loaded, SessionStore.open(tiny.parent / "direct-state", loaded.fingerprint)) as engine:
-        session = engine.submit_adapt(doc, RefineConfig.from_dict({**preset("embedded"), **DEFAULTS, **settings}), None).result(120)
+        assert engine.default_preset == "safe"  # the server's 'auto' preset for any model but the embedded one
+        config = RefineConfig.from_dict({**preset(engine.default_preset), **DEFAULTS, **settings})
+        session = engine.submit_adapt(doc, config, None).result(120)
         direct = engine.submit_generate(session.id, " The keeper", SamplingConfig(
             max_new_tokens=16, temperature=0.9, top_p=0.95, seed=13), None).result(60)
     assert over_http["tokens"] == direct.tokens and over_http["text"] == direct.text

@@ -55,12 +55,13 @@ def make_session(seed: int, owner: str | None = None, clock: FakeClock | None = 
               for _ in range(2)]
     state = DocumentState(layers, n_tokens=100 + seed, next_logits=torch.randn(1, 32, generator=g))
     if kind == "lora":
-        delta = ParameterDelta("lora", {"model.layers.0.attn.q_proj.lora_A": torch.randn(4, 16, generator=g),
-                                        "model.layers.0.attn.q_proj.lora_B": torch.randn(16, 4, generator=g)}, 0.5)
+        delta = ParameterDelta({"kind": "lora", "rank": 4, "alpha": 2.0, "targets": ["q_proj"]},
+                               {"model.layers.0.attn.q_proj.lora_A": torch.randn(4, 16, generator=g),
+                                "model.layers.0.attn.q_proj.lora_B": torch.randn(16, 4, generator=g)})
     elif kind == "none":
-        delta = ParameterDelta("none")
+        delta = ParameterDelta()
     else:
-        delta = ParameterDelta(kind, {"model.layers.0.attn.q_proj.weight": torch.randn(16, 16, generator=g)})
+        delta = ParameterDelta({"kind": kind}, {"model.layers.0.attn.q_proj.weight": torch.randn(16, 16, generator=g)})
     now = None if clock is None else clock()
     return Session.create(owner, {"mode": "refine", "seed": seed}, {"steps": [{"step": 1}], "total": {"seconds": 0.5}},
                           100 + seed, state, delta, now=now)
@@ -118,7 +119,7 @@ def test_meta_json_records_format_fingerprint_sizes_and_checksums(tmp_path):
         data = (tmp_path / s.id / name).read_bytes()
         assert meta["files"][name]["bytes"] == len(data)
         assert meta["files"][name]["sha256"] == hashlib.sha256(data).hexdigest()
-    assert meta["files"][DELTA_FILE]["description"] == {"kind": "full", "scale": 1.0}
+    assert meta["files"][DELTA_FILE]["description"] == {"scope": {"kind": "full"}}
     assert meta["files"][STATE_FILE]["description"] == {"n_tokens": 103}
     assert sum(f["bytes"] for f in meta["files"].values()) == stored.disk_bytes
 

@@ -186,7 +186,7 @@ def test_summary_line_access_log_and_one_operation_id(tiny, tmp_path, caplog):
         assert not [w for w in caught if "Duplicate Operation ID" in str(w.message)]
     ready = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ready")]
     assert len(ready) == 1
-    for part in (f"model {tiny.name} on cpu (torch kernels, float32)", "threads:", "preset embedded",
+    for part in (f"model {tiny.name} on cpu (torch kernels, float32)", "threads:", "preset safe (auto)",
                  f"state dir {tmp_path / 'state'}: 0 sessions restored", "auth: none"):
         assert part in ready[0], ready[0]
     access = [r.getMessage() for r in caplog.records if r.name == "server.access"]

@@ -144,6 +144,7 @@ class AsyncRefineClient:
         scope: str | None = None,
         seed: int | None = None,
         extra_settings: Mapping[str, Any] | None = None,
+        base_session: str | None = None,
     ) -> AdaptResponse: ...
 
     @overload
@@ -166,6 +167,7 @@ class AsyncRefineClient:
         scope: str | None = None,
         seed: int | None = None,
         extra_settings: Mapping[str, Any] | None = None,
+        base_session: str | None = None,
     ) -> AsyncStream[AdaptEvent]: ...
 
     async def adapt(
@@ -187,6 +189,7 @@ class AsyncRefineClient:
         scope: str | None = None,
         seed: int | None = None,
         extra_settings: Mapping[str, Any] | None = None,
+        base_session: str | None = None,
     ) -> AdaptResponse | AsyncStream[AdaptEvent]:
         """``POST /v1/adapt``; see ``RefineClient.adapt``. ``stream=True`` returns an
         :class:`AsyncStream` (``async for event in stream``)."""
@@ -206,7 +209,7 @@ class AsyncRefineClient:
             "scope": scope,
             "seed": seed,
         }
-        spec = adapt_spec(document, settings, extra_settings, stream=stream or progress)
+        spec = adapt_spec(document, settings, extra_settings, stream=stream or progress, base_session=base_session)
         if not (stream or progress):
             return await self._request(spec, AdaptResponse)
         events: AsyncStream[AdaptEvent] = AsyncStream(await self._send(spec), decode_adapt_event)

@@ -166,18 +166,23 @@ def adapt_spec(
     extra_settings: Mapping[str, Any] | None,
     *,
     stream: bool,
+    base_session: str | None = None,
 ) -> RequestSpec:
     """``POST /v1/adapt``; settings left at None are omitted (the server's defaults apply).
+    ``base_session``: continue from that session's adapted weights.
 
     Not idempotent: a retry could create a second session.
     """
     if not isinstance(document, str):
         raise TypeError(f"document must be str, got {type(document).__name__}")
     merged = {**_without_none(settings), **dict(extra_settings or {})}
+    body: dict[str, Any] = {"document": document, "settings": merged, "stream": stream}
+    if base_session is not None:
+        body["base_session"] = base_session
     return RequestSpec(
         "POST",
         "/v1/adapt",
-        json={"document": document, "settings": merged, "stream": stream},
+        json=body,
         idempotent=False,
         stream=stream,
     )

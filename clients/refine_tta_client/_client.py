@@ -149,6 +149,7 @@ class RefineClient:
         scope: str | None = None,
         seed: int | None = None,
         extra_settings: Mapping[str, Any] | None = None,
+        base_session: str | None = None,
     ) -> AdaptResponse: ...
 
     @overload
@@ -171,6 +172,7 @@ class RefineClient:
         scope: str | None = None,
         seed: int | None = None,
         extra_settings: Mapping[str, Any] | None = None,
+        base_session: str | None = None,
     ) -> Stream[AdaptEvent]: ...
 
     def adapt(
@@ -192,11 +194,14 @@ class RefineClient:
         scope: str | None = None,
         seed: int | None = None,
         extra_settings: Mapping[str, Any] | None = None,
+        base_session: str | None = None,
     ) -> AdaptResponse | Stream[AdaptEvent]:
         """``POST /v1/adapt``: adapt the model to ``document`` and keep the result as a session.
 
         Settings left at None take the server's defaults; ``extra_settings`` passes settings this
-        client version does not know by name.
+        client version does not know by name. ``base_session``: continue from that session's
+        adapted weights (one of yours, adapted with the same scope), e.g. to adapt over a stream
+        of documents keeping the latest session.
 
         Returns the :class:`AdaptResponse`; with ``stream=True`` a :class:`Stream` of one
         :class:`AdaptStartedEvent`, an :class:`AdaptProgressEvent` per step, then one
@@ -222,7 +227,7 @@ class RefineClient:
             "scope": scope,
             "seed": seed,
         }
-        spec = adapt_spec(document, settings, extra_settings, stream=stream or progress)
+        spec = adapt_spec(document, settings, extra_settings, stream=stream or progress, base_session=base_session)
         if not (stream or progress):
             return self._request(spec, AdaptResponse)
         events: Stream[AdaptEvent] = Stream(self._send(spec), decode_adapt_event)

@@ -2,7 +2,7 @@
 
 Commands::
 
-    refine-tta-client adapt FILE [--steps N --mode M --lr X --seed S ...]   # FILE may be "-"
+    refine-tta-client adapt FILE [--steps N --mode M --lr X --seed S --base-session ID ...]   # FILE may be "-"
     refine-tta-client ask SESSION "question" [--max-tokens N --temperature T --seed S --stop S | --no-stop]
     refine-tta-client sessions
     refine-tta-client delete SESSION
@@ -76,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     adapt.add_argument("--ppo-coef", type=float)
     adapt.add_argument("--scope")
     adapt.add_argument("--seed", type=int)
+    adapt.add_argument("--base-session", metavar="ID", help="continue from this session's adapted weights")
     adapt.add_argument("--no-progress", action="store_true", help="no progress bar (no streaming)")
 
     ask = commands.add_parser(
@@ -111,7 +112,8 @@ def adapt_summary(response: AdaptResponse) -> list[tuple[str, str]]:
     """``(label, value)`` rows describing an adaptation.
 
     Reward is the first and last step's ``reward_mean``; NTP loss is ``stats.total``'s
-    ``ntp_loss_before`` -> ``ntp_loss_after`` (shown only when the server reports them);
+    ``ntp_loss_before`` -> ``ntp_loss_after`` (shown only when the server reports them); drift is
+    ``stats.total["drift"]`` (NTP loss on the server's fixed generic text, base -> adapted);
     seconds is ``stats.total["seconds"]`` or the sum of the steps' ``seconds``.
     """
     steps, total = response.stats.steps, response.stats.total
@@ -124,6 +126,12 @@ def adapt_summary(response: AdaptResponse) -> list[tuple[str, str]]:
         rows.append(
             ("ntp loss", f"{_num(total.get('ntp_loss_before'))} -> {_num(total.get('ntp_loss_after'))}")
         )
+    drift = total.get("drift")
+    if isinstance(drift, dict) and drift.get("ntp_base") is not None:
+        rows.append(("drift (generic text NTP)",
+                     f"{_num(drift.get('ntp_base'))} -> {_num(drift.get('ntp_adapted'))}"))
+    if total.get("base_session"):
+        rows.append(("continued from", str(total["base_session"])))
     seconds = total.get("seconds")
     if seconds is None:
         per_step = [step["seconds"] for step in steps if isinstance(step.get("seconds"), (int, float))]
@@ -204,6 +212,7 @@ def _cmd_adapt(client: RefineClient, args: argparse.Namespace) -> None:
         ppo_coef=args.ppo_coef,
         scope=args.scope,
         seed=args.seed,
+        base_session=args.base_session,
     )
     rows = adapt_summary(response)
     width = max(len(label) for label, _ in rows)

@@ -7,7 +7,8 @@ starting the job and, through ``should_stop``, between adaptation steps and gene
 
 How the worker schedules (:mod:`refine_tta.engine.scheduler`): generations are decoded together
 in one batch (:class:`~refine_tta.engine.generations.GenerationBatch`; they join and leave at
-token boundaries) on a serving copy of the model that adaptation never trains. Adaptations (and
+token boundaries) on the one model, whose base weights adaptation never writes (its fp32 masters
+act only during a step; the batch takes its sessions' deltas off before each step). Adaptations (and
 other exclusive jobs) run one at a time, and between two adaptation steps the worker decodes the
 pending generations for about as long as a step takes, so a query never waits for a whole
 adaptation and adaptations still progress under a stream of queries. Waiting jobs take turns by
@@ -25,7 +26,6 @@ No HTTP, no JSON parsing here: documents and prompts are text, settings are
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import math
@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -46,7 +47,8 @@ from refine_tta.engine.sessions import Session, SessionStore
 from refine_tta.engine.text import MIN_TEMPERATURE, SamplingConfig, TextCodec
 from refine_tta.model.loading import LoadedModel
 from refine_tta.model.state import DocumentState
-from refine_tta.refine.config import RefineConfig
+from refine_tta.refine.config import RefineConfig, preset_for_model
+from refine_tta.refine.delta import scope_for
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +62,12 @@ ProgressFn = Callable[[str, dict[str, Any]], None]
 """``on_progress(event, data)``: :data:`ADAPT_STARTED` once, then :data:`ADAPT_STEP` per step."""
 
 AdaptFn = Callable[..., Any]
-"""``adapt(model, document_ids [1, L], config, *, on_step, should_stop) -> AdaptResult``
+"""``adapt(model, document_ids [1, L], config, *, start, probe_ids, on_step, should_stop) -> AdaptResult``
 (:func:`refine_tta.refine.loop.adapt`)."""
+
+DRIFT_PROBE = Path(__file__).resolve().parent / "data" / "drift_probe.txt"
+"""A fixed generic English text (not any document): its NTP loss, base vs adapted, is each
+adaptation's *drift* figure."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +175,7 @@ class AdaptJob:
     config: RefineConfig
     owner: str | None
     on_progress: ProgressFn | None = None
+    base_session: str | None = None  # continue from this session's delta (same owner, same scope)
     kind: str = "adapt"
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
 
@@ -248,6 +255,8 @@ class Engine:
         self._shutdown_at: float | None = None
         self._unavailable = Unavailable("the engine is stopped")
         self._thread: threading.Thread | None = None
+        self.default_preset = preset_for_model(loaded.fingerprint.architecture, loaded.fingerprint.config_hash)
+        self._probe_ids: list[int] | None = None
         self._counters = {"adaptations_total": 0, "adaptation_steps_total": 0, "adaptation_seconds_total": 0.0,
                           "generations_total": 0, "generated_tokens_total": 0, "generation_seconds_total": 0.0,
                           "decode_steps_total": 0,
@@ -257,15 +266,17 @@ class Engine:
     def start(self) -> Engine:
         if self._thread is not None:
             raise RuntimeError("engine already started")
-        # Generations decode on a copy of the model that adaptation never trains, so they can run
-        # between the steps of an adaptation (which changes the weights of ``loaded.model``).
-        serving = copy.deepcopy(self.loaded.model)
-        serving.requires_grad_(False)
-        self._batch = GenerationBatch(serving, self._codec)
+        # Generations decode on the same model as adaptations, no copy: an adaptation never writes
+        # the base weights (its fp32 masters act on the model only during a step, see
+        # refine_tta.refine.delta), and the batch takes its sessions' deltas off (release) before
+        # any exclusive job runs and after each decoding slot between adaptation steps.
+        self._batch = GenerationBatch(self.loaded.model, self._codec)
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="refine-tta-worker", daemon=True)
         self._thread.start()
         log.debug("engine started: model %s on %s, limits %s", self.loaded.name, self.loaded.device, self.limits)
+        log.debug("default adaptation preset %r (%s)", self.default_preset,
+                  "the embedded model" if self.default_preset == "embedded" else "not the embedded model")
         return self
 
     def begin_shutdown(self, grace_s: float, retry_after: float | None = None) -> None:
@@ -358,12 +369,15 @@ class Engine:
         return self._codec.decode(ids)
 
     def submit_adapt(self, document: str, config: RefineConfig, owner: str | None,
-                     on_progress: ProgressFn | None = None) -> JobHandle:
+                     on_progress: ProgressFn | None = None, base_session: str | None = None) -> JobHandle:
         """Check and queue an adaptation. The future resolves to the stored :class:`Session`
         (metadata only). ``on_progress(event, data)`` hears :data:`ADAPT_STARTED` when the worker
-        starts it, then :data:`ADAPT_STEP` after each step.
-        Raises LimitExceeded / InvalidSettings / StorageFull / QueueFull / Unavailable."""
+        starts it, then :data:`ADAPT_STEP` after each step. ``base_session``: continue from that
+        session's adapted weights (it must be the owner's and have the same scope).
+        Raises LimitExceeded / InvalidSettings / NotFound / StorageFull / QueueFull / Unavailable."""
         limits = self.limits
+        if base_session is not None:
+            self._check_base(base_session, config, owner)
         if config.steps > limits.max_steps:
             raise LimitExceeded("max_steps", config.steps, limits.max_steps, what="settings.steps")
         if config.mode == "refine" and config.n_chunks * config.n * config.k > limits.max_rollout_tokens:
@@ -385,7 +399,18 @@ class Engine:
         except ValueError as exc:
             raise InvalidSettings(str(exc)) from None
         self.sessions.check_room()  # StorageFull before spending the device on it
-        return self.submit(AdaptJob(ids, config, owner, on_progress))
+        return self.submit(AdaptJob(ids, config, owner, on_progress, base_session))
+
+    def _check_base(self, base_session: str, config: RefineConfig, owner: str | None) -> None:
+        """NotFound for a session that is not the owner's; InvalidSettings for another scope."""
+        base = self.sessions.info(base_session, owner)
+        try:
+            base_scope = scope_for(RefineConfig.from_dict(base.settings)).describe()
+        except ValueError as exc:
+            raise InvalidSettings(f"base_session {base_session!r} has unusable settings: {exc}") from None
+        if base_scope != scope_for(config).describe():
+            raise InvalidSettings(f"base_session {base_session!r} was adapted with scope {base_scope}; this "
+                                  f"adaptation's scope is {scope_for(config).describe()}: they must be equal")
 
     def submit_generate(self, session_id: str | None, prompt: str, sampling: SamplingConfig, owner: str | None,
                         on_text: Callable[[str, int], None] | None = None) -> JobHandle:
@@ -472,6 +497,7 @@ class Engine:
             self._running = handle
         try:
             job = handle.job
+            self._batch.release()  # the job starts from the base model
             result = self._run_adapt(job, handle) if isinstance(job, AdaptJob) else job.run(self, handle)
         except Exception as exc:  # delivered to the caller through the future
             if not isinstance(exc, EngineError):
@@ -637,13 +663,19 @@ class Engine:
             if step_s is not None:
                 self._timings.observe_adapt_step(step_s)
             self._decode_for(self._timings.adapt_step_s)
+            self._batch.release()  # the next step trains over the base model, not a session's delta
             watch.lap()
             return handle.should_stop()
 
         ids = torch.tensor([job.document_ids], dtype=torch.long, device=self.loaded.device)
+        start = None
+        if job.base_session is not None:
+            start = self.sessions.get(job.base_session, job.owner).delta
+        probe = torch.tensor([self._drift_probe()], dtype=torch.long, device=self.loaded.device)
         try:
             self._adapt_steps_left = job.config.steps
-            result = adapt(self.loaded.model, ids, job.config, on_step=on_step, should_stop=between_steps)
+            result = adapt(self.loaded.model, ids, job.config, start=start, probe_ids=probe, on_step=on_step,
+                           should_stop=between_steps)
         except AdaptCancelled as exc:
             raise Cancelled("adaptation cancelled") from exc
         except ValueError as exc:  # model-dependent settings, e.g. layers out of range, unknown lora targets
@@ -653,10 +685,18 @@ class Engine:
             self._count(adaptation_seconds_total=time.perf_counter() - t0)
         if not handle.commit():  # cancelled after the last step: do not store what nobody will see
             raise Cancelled("adaptation cancelled")
-        session = Session.create(job.owner, job.config.to_dict(), jsonable(result.stats), len(job.document_ids),
+        stats = jsonable(result.stats)
+        stats["total"]["base_session"] = job.base_session
+        session = Session.create(job.owner, job.config.to_dict(), stats, len(job.document_ids),
                                  result.state.detach(), result.delta)
         stored = self.sessions.put(session)
         self._count(adaptations_total=1)
         log.info("adapted %d tokens -> %s (%d state + %d delta bytes) in %.2f s", len(job.document_ids), stored.id,
                  stored.state_bytes, stored.delta_bytes, time.perf_counter() - t0)
         return stored
+
+    def _drift_probe(self) -> list[int]:
+        """The drift text's token ids (with BOS), encoded once."""
+        if self._probe_ids is None:
+            self._probe_ids = self.encode(DRIFT_PROBE.read_text(encoding="utf-8"), add_special_tokens=True)
+        return self._probe_ids

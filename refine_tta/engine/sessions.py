@@ -46,7 +46,7 @@ from refine_tta.engine.storage import (
 )
 from refine_tta.model.loading import ModelFingerprint
 from refine_tta.model.state import DocumentState
-from refine_tta.refine.delta import ParameterDelta
+from refine_tta.refine.delta import ParameterDelta, scope_from_v1
 
 log = logging.getLogger(__name__)
 
@@ -118,17 +118,19 @@ STATE_PART, DELTA_PART = "state", "delta"
 def to_parts(state: DocumentState, delta: ParameterDelta) -> dict[str, StoredPart]:
     """A session's tensors as storage parts: plain tensors plus JSON-able descriptions."""
     return {STATE_PART: StoredPart(state.state_dict(), {"n_tokens": state.n_tokens}),
-            DELTA_PART: StoredPart(dict(delta.tensors), {"kind": delta.kind, "scale": float(delta.scale)})}
+            DELTA_PART: StoredPart(dict(delta.tensors), {"scope": delta.description()})}
 
 
 def from_parts(parts: dict[str, StoredPart], device: torch.device) -> tuple[DocumentState, ParameterDelta]:
     """Inverse of :func:`to_parts`, tensors moved to ``device`` (KeyError/ValueError if malformed)."""
     state_part, delta_part = parts[STATE_PART], parts[DELTA_PART]
     state = DocumentState.from_state_dict(state_part.tensors, int(state_part.description["n_tokens"])).to(device)
-    delta = ParameterDelta(str(delta_part.description["kind"]),
-                           {k: v.to(device) for k, v in delta_part.tensors.items()
-                            if k != "__empty__"},  # format 1's marker in a delta without tensors
-                           float(delta_part.description["scale"]))
+    tensors = {k: v.to(device) for k, v in delta_part.tensors.items()
+               if k != "__empty__"}  # format 1's marker in a delta without tensors
+    described = delta_part.description
+    scope = (described["scope"] if "scope" in described  # else stored before scopes were described in full
+             else scope_from_v1(str(described["kind"]), float(described["scale"]), tensors))
+    delta = ParameterDelta.from_tensors(scope, tensors)
     return state, delta
 
 

@@ -7,9 +7,21 @@ ppo_coef 0.4, clip 0.2/0.2, dual clip 3, weight decay 0.01, grad clip 1.0) excep
 ``steps``.
 
 ``PRESETS`` are named sets of overrides for a deployment, chosen explicitly by name (the server's
-``refine_preset`` setting, the CLI's ``--preset``): ``embedded`` is what the sweep in
-BENCHMARKS.md chose for the embedded 10M model; ``paper`` is the paper's test-time setting for its
-1.3B model; ``library`` is RefineConfig's own defaults.
+``refine_preset`` setting, the CLI's ``--preset``) or from the model by :func:`preset_for_model`:
+
+* ``embedded``: what the sweep in BENCHMARKS.md chose for the embedded 10M model (every parameter,
+  lr 3e-3). Only for that model: on a 1.3B model it would move every weight by up to 1e-2.
+* ``safe``: the default for every other model. LoRA rank 8 on q/k/v/o, lr 1e-3, 4 steps. It
+  cannot destroy a model: B starts at zero and AdamW moves each factor entry by about lr per step,
+  so after 4 steps the adapter is a rank-8 change with factor entries moved by at most ~4e-3; the
+  session stays small (37 MiB for DeltaNet-1.3B, docs/adaptation.md), and every adaptation reports
+  its *drift* (NTP loss change on a fixed generic text) so damage is visible. lr 1e-3, not 1e-4:
+  a fresh LoRA at 1e-4 moves the logits by ~2e-3 of their norm, under bf16's resolution
+  (benchmarks/results/mixed_precision.json).
+* ``safe-lact``: ``safe`` for LaCT models (LoRA on their fused ``qkv`` and ``o_proj``).
+* ``paper``: the paper's test-time setting for its 1.3B model (lr 1e-6, every parameter, reset per
+  document); at bf16 resolution its change is mostly invisible to a bf16 read.
+* ``library``: RefineConfig's own defaults.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from typing import Any
 MODES = ("refine", "sft", "none")
 SELECTION_MODES = ("entropy", "uniform", "argmax", "argmin")
 REWARD_KINDS = ("cosine", "binary", "hybrid")
-SCOPES = ("full", "lora", "layers")
+SCOPES = ("full", "lora", "layers", "projections")
 
 _TUPLE_FIELDS = ("lora_targets", "layers")
 
@@ -29,9 +41,28 @@ PRESETS: dict[str, dict[str, Any]] = {
     # benchmarks/results/sweep*.json: full scope, 4 steps; hybrid reward at lr 3e-3 had the best
     # exact match on the dev documents (binary rewards are almost always 0 for a model this small).
     "embedded": {"steps": 4, "lr": 3e-3, "reward": "hybrid", "scope": "full"},
+    "safe": {"steps": 4, "lr": 1e-3, "reward": "binary", "scope": "lora", "lora_rank": 8, "lora_alpha": 16.0,
+             "lora_targets": ("q_proj", "k_proj", "v_proj", "o_proj")},
+    # the same for LaCT, whose blocks project q/k/v with one fused linear layer (``qkv``)
+    "safe-lact": {"steps": 4, "lr": 1e-3, "reward": "binary", "scope": "lora", "lora_rank": 8, "lora_alpha": 16.0,
+                  "lora_targets": ("qkv", "o_proj")},
     "paper": {"lr": 1e-6, "reward": "binary", "scope": "full"},
     "library": {},
 }
+
+# ``refine_tta.model.loading.config_hash`` of models/refine-tiny-deltanet (any dtype); a test keeps
+# it equal to the shipped model's.
+EMBEDDED_CONFIG_HASH = "13914d6fce270a1f"
+LACT_MODEL_TYPE = "lact_swiglu"  # refine_tta.model.lact.LaCTSWIGLUConfig.model_type (no torch import here)
+
+
+def preset_for_model(architecture: str, config_hash: str) -> str:
+    """The preset a model gets by default (from its fingerprint's ``architecture``, the config's
+    model_type, and ``config_hash``): ``embedded`` for the embedded model, ``safe-lact`` for LaCT
+    models, ``safe`` for any other."""
+    if config_hash == EMBEDDED_CONFIG_HASH:
+        return "embedded"
+    return "safe-lact" if architecture == LACT_MODEL_TYPE else "safe"
 
 
 def preset(name: str) -> dict[str, Any]:
@@ -79,7 +110,10 @@ class RefineConfig:
     >= edge_margin tokens (plus the k continuation tokens) before its end.
     scope: which parameters are trained: ``full`` (all), ``lora`` (low-rank adapters of rank
     ``lora_rank``, scale ``lora_alpha / lora_rank``, on the linear layers named in
-    ``lora_targets``), ``layers`` (all parameters of the blocks whose indices are in ``layers``).
+    ``lora_targets``), ``layers`` (all parameters of the blocks whose indices are in ``layers``),
+    ``projections`` (the fast-weight projections q/k/v/beta of every block). The optimizer steps
+    fp32 master tensors of the scope (``refine_tta.refine.delta``); weight decay pulls them toward
+    the base model (it decays the change, not the base weight).
     seed: base seed of the adaptation's ``torch.Generator``.
     """
 

@@ -1,8 +1,11 @@
-"""One adaptation: REFINE (or NTP-only, or nothing) on one document, from the base weights.
+"""One adaptation: REFINE (or NTP-only, or nothing) on one document, from the base weights or
+from an earlier adaptation (``start``: a session's delta, the paper's TTT over a stream).
 
-``adapt`` is the entry point. It trains the parameters of the config's scope for ``steps`` AdamW
-steps, restores the base model bit for bit, and returns the change as a ``ParameterDelta``, the
-document read with the adapted weights as a ``DocumentState``, and statistics for every step.
+``adapt`` is the entry point. It attaches fp32 master tensors of the config's scope beside the
+frozen model (``refine_tta.refine.delta``), steps them for ``steps`` AdamW steps, detaches them
+(the base model is bit-identical throughout), and returns the change as a ``ParameterDelta``,
+the document read with it as a ``DocumentState``, and statistics for every step (with, when a
+probe text is given, the *drift*: the NTP loss on that fixed generic text, base vs adapted).
 
 A REFINE step (spec: shared/refine-algorithm.md), on the **branch** path:
 
@@ -329,18 +332,32 @@ def sft_step(model, ids, cfg: RefineConfig, params, opt) -> dict:
             "seconds": sum(clock.phases.values())}
 
 
+def drift(model, delta: ParameterDelta, probe_ids: torch.Tensor) -> dict:
+    """NTP loss (nats/token) on probe_ids [1, P] read by the base model and with ``delta``."""
+    base, _ = score_document(model, probe_ids)
+    with delta.applied(model):
+        adapted, _ = score_document(model, probe_ids)
+    return {"probe_tokens": probe_ids.shape[1], "ntp_base": base.ntp, "ntp_adapted": adapted.ntp,
+            "change": adapted.ntp - base.ntp}
+
+
 def adapt(
     model: torch.nn.Module,
     document_ids: torch.Tensor,
     config: RefineConfig,
     *,
     path: str = "branch",
+    start: ParameterDelta | None = None,
+    probe_ids: torch.Tensor | None = None,
     on_step: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
 ) -> AdaptResult:
-    """Adapt ``model`` to document_ids [1, L] (on the model's device) from its base weights.
+    """Adapt ``model`` to document_ids [1, L] (on the model's device).
 
-    The model's weights and requires_grad flags are exactly as before when this returns or raises.
+    start: continue from this delta (same scope as ``config``; ValueError otherwise) instead of a
+    fresh one; the optimizer starts fresh. probe_ids [1, P]: a fixed generic text whose NTP loss,
+    base vs adapted, is reported as ``stats["total"]["drift"]``. The model's weights and
+    requires_grad flags are exactly as before when this returns or raises.
     """
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
@@ -359,19 +376,20 @@ def adapt(
     model.eval()
     try:
         if config.mode == "none" or config.steps == 0:
-            delta = ParameterDelta("none")
+            delta = ParameterDelta() if start is None else start
         else:
-            with trainable_scope(model, config, gen) as scope:
+            with trainable_scope(model, config, gen, start) as scope:
                 opt = torch.optim.AdamW(scope.params, lr=config.lr, weight_decay=config.weight_decay)
                 for i in range(config.steps):
                     if should_stop is not None and should_stop():
                         raise AdaptCancelled(f"cancelled before step {i + 1} of {config.steps}")
-                    if config.mode == "refine":
-                        s = refine_step(model, document_ids, config, gen, scope.params, opt, path)
-                        first_ntp = s["ntp_loss_scored"]
-                    else:
-                        s = sft_step(model, document_ids, config, scope.params, opt)
-                        first_ntp = s["ntp_loss"]
+                    with scope.attached(model):  # only during the step: between steps the model is the base
+                        if config.mode == "refine":
+                            s = refine_step(model, document_ids, config, gen, scope.params, opt, path)
+                            first_ntp = s["ntp_loss_scored"]
+                        else:
+                            s = sft_step(model, document_ids, config, scope.params, opt)
+                            first_ntp = s["ntp_loss"]
                     ntp_before = first_ntp if ntp_before is None else ntp_before
                     s.update(step=i + 1, of=config.steps, peak_memory_mb=round(_peak_memory_mb(device), 1))
                     s = _json_safe(s)
@@ -385,10 +403,12 @@ def adapt(
         with delta.applied(model):
             final_ntp, state = final_read(model, document_ids)
         clock.lap("final_read")
+        drift_stats = None if probe_ids is None else drift(model, delta, probe_ids.to(device))
     finally:
         model.train(was_training)
     total = {
         "mode": config.mode, "path": path, "document_tokens": L, "steps": len(steps),
+        "scope": delta.description(), "continued": start is not None,
         "skipped_steps": sum(int(s.get("skipped", False)) for s in steps),
         "ntp_loss_before": final_ntp if ntp_before is None else ntp_before,
         "ntp_loss_after": final_ntp,
@@ -399,6 +419,8 @@ def adapt(
         "peak_memory_mb": round(_peak_memory_mb(device), 1),
         "delta_bytes": delta.nbytes, "state_bytes": state.nbytes,
     }
+    if drift_stats is not None:
+        total["drift"] = drift_stats
     if steps and config.mode == "refine":
         total["reward_mean_first"] = steps[0]["reward_mean"]
         total["reward_mean_last"] = steps[-1]["reward_mean"]

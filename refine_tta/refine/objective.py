@@ -112,7 +112,7 @@ class SelectedPositions:
 def _pick_in_chunk(
     scores: torch.Tensor, mode: str, generator: torch.Generator | None
 ) -> int:
-    """Index into one chunk's smoothed entropy scores [C] according to ``mode``."""
+    """Index into one chunk's scores [C] (raw or smoothed entropy) according to ``mode``."""
     if mode == "argmax":
         return int(torch.argmax(scores))  # first index on ties
     if mode == "argmin":
@@ -137,13 +137,12 @@ def select_positions(
     """Pick one rollout start per chunk of the document (spec step 2).
 
     entropy: [L], H_t = entropy of the prediction made at position t, i.e. of token t+1; that is
-    why the rollout for index t starts at r = t + 1. The entropy is smoothed with
-    ``smooth_entropy(entropy, k)``, positions 0..L-1 are cut into ``chunk_bounds(L, n_chunks)``,
-    and in each chunk one index t is drawn:
+    why the rollout for index t starts at r = t + 1. Positions 0..L-1 are cut into
+    ``chunk_bounds(L, n_chunks)``, and in each chunk one index t is drawn:
 
-    - ``entropy``: sampled from softmax(smoothed H over the chunk) with ``generator``;
+    - ``entropy``: sampled from softmax(``smooth_entropy(entropy, k)`` over the chunk) with ``generator``;
     - ``uniform``: sampled uniformly with ``generator``;
-    - ``argmax`` / ``argmin``: of the smoothed H, first index on ties (``generator`` unused).
+    - ``argmax`` / ``argmin``: of the raw H (the paper's code), first index on ties (``generator`` unused).
 
     Then r = t + 1 is clamped to ``[edge_margin, L - edge_margin - k]``. The spec says "at least
     20 tokens after the start and at most 20 before the end"; we also reserve the k tokens of the
@@ -170,9 +169,10 @@ def select_positions(
     if not bool(torch.isfinite(entropy).all()):
         raise ValueError("entropy contains non-finite values")
     device = generator.device if generator is not None else torch.device("cpu")
-    smoothed = smooth_entropy(entropy, k).to(device)  # [L]
+    # sampling uses the smoothed entropy; argmax/argmin the raw one, as the paper's code does
+    scores = entropy.float().to(device) if mode in ("argmax", "argmin") else smooth_entropy(entropy, k).to(device)
     bounds = chunk_bounds(length, n_chunks)
-    picked = [lo + _pick_in_chunk(smoothed[lo:hi], mode, generator) for lo, hi in bounds]
+    picked = [lo + _pick_in_chunk(scores[lo:hi], mode, generator) for lo, hi in bounds]
     picked_t = torch.tensor(picked, dtype=torch.long, device=device)  # [n_chunks]
     starts = (picked_t + 1).clamp(edge_margin, length - edge_margin - k)
     return SelectedPositions(starts=starts, picked=picked_t, chunk_bounds=bounds)
