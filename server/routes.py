@@ -8,7 +8,6 @@ token limits) runs in the thread pool, never on the event loop.
 from __future__ import annotations
 
 import json
-import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -18,11 +17,12 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from refine_tta.engine import Engine, InvalidSettings, NotFound, is_session_id
-from refine_tta.model.generation import GenerationResult, SamplingConfig
-from refine_tta.refine.config import RefineConfig
-from server.errors import describe
+from refine_tta.engine import Engine, GenerationResult, InvalidSettings, RefineConfig, SamplingConfig
+from server import openai
+from server.errors import BadParameter, describe
+from server.jsonbody import StrictJSONRoute
 from server.metrics import CONTENT_TYPE
+from server.openapi import EVENT_STREAM, errors
 from server.runtime import Runtime
 from server.schemas import (
     AdaptRequest,
@@ -32,6 +32,8 @@ from server.schemas import (
     CompletionRequest,
     CompletionUsage,
     DeleteResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     GenerateRequest,
     GenerateResponse,
     Health,
@@ -40,10 +42,12 @@ from server.schemas import (
     SessionInfo,
     SessionList,
     TokenEvent,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from server.streaming import EventBridge, sse, wait_for_job
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 # ------------------------------------------------------------------------------------ dependencies
@@ -79,11 +83,12 @@ def sampling_config(engine: Engine, max_tokens: int | None, default_max_tokens: 
         return SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               stop=tuple(stop))
     except ValueError as exc:
-        raise InvalidSettings(str(exc)) from None
+        param = next((p for p in ("temperature", "top_p", "seed", "stop") if p in str(exc)), None)
+        raise BadParameter(str(exc), param) from None
 
 
 # ------------------------------------------------------------------------------------------ health
-@router.get("/health", response_model=Health)
+@router.get("/health", response_model=Health, responses=errors())
 @router.head("/health", response_model=Health, include_in_schema=False)  # one operation id in the schema
 def health(runtime: Runtime = Depends(get_runtime)) -> Health:
     engine = get_engine(runtime)
@@ -91,13 +96,16 @@ def health(runtime: Runtime = Depends(get_runtime)) -> Health:
     return Health(status="ok", model=loaded.name, device=str(loaded.device), backend=loaded.backend.name)
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get("/metrics", response_class=Response, responses={
+    200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}},
+          "description": "Prometheus text format"}, **errors(403)})
 def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
     return Response(runtime.metrics.render(), media_type=CONTENT_TYPE)
 
 
 # ------------------------------------------------------------------------------------------- adapt
-@router.post("/v1/adapt", response_model=AdaptResponse)
+@router.post("/v1/adapt", response_model=AdaptResponse,
+             responses={200: {"content": EVENT_STREAM}, **errors(400, 413, 429)})
 async def adapt(body: AdaptRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                 engine: Engine = Depends(get_engine), owner: str | None = Depends(get_owner)) -> Any:
     config = refine_config(runtime, body.settings.given())
@@ -122,7 +130,8 @@ async def adapt(body: AdaptRequest, request: Request, runtime: Runtime = Depends
 
 
 # ---------------------------------------------------------------------------------------- generate
-@router.post("/v1/generate", response_model=GenerateResponse)
+@router.post("/v1/generate", response_model=GenerateResponse,
+             responses={200: {"content": EVENT_STREAM}, **errors(400, 404, 413, 429)})
 async def generate(body: GenerateRequest, request: Request, engine: Engine = Depends(get_engine),
                    owner: str | None = Depends(get_owner)) -> Any:
     sampling = sampling_config(engine, body.max_tokens, 64, body.temperature, body.top_p, body.seed, body.stops)
@@ -148,18 +157,18 @@ async def generate(body: GenerateRequest, request: Request, engine: Engine = Dep
 
 
 # ---------------------------------------------------------------------------------------- sessions
-@router.get("/v1/sessions", response_model=SessionList)
+@router.get("/v1/sessions", response_model=SessionList, responses=errors())
 def list_sessions(engine: Engine = Depends(get_engine), owner: str | None = Depends(get_owner)) -> SessionList:
     return SessionList(sessions=[SessionInfo.of(s) for s in engine.sessions.list(owner)])
 
 
-@router.get("/v1/sessions/{session_id}", response_model=SessionInfo)
+@router.get("/v1/sessions/{session_id}", response_model=SessionInfo, responses=errors(404))
 def get_session(session_id: str, engine: Engine = Depends(get_engine),
                 owner: str | None = Depends(get_owner)) -> SessionInfo:
     return SessionInfo.of(engine.sessions.info(session_id, owner))
 
 
-@router.delete("/v1/sessions/{session_id}", response_model=DeleteResponse)
+@router.delete("/v1/sessions/{session_id}", response_model=DeleteResponse, responses=errors(404))
 def delete_session(session_id: str, engine: Engine = Depends(get_engine),
                    owner: str | None = Depends(get_owner)) -> DeleteResponse:
     engine.sessions.delete(session_id, owner)
@@ -167,10 +176,7 @@ def delete_session(session_id: str, engine: Engine = Depends(get_engine),
 
 
 # ------------------------------------------------------------------------------- OpenAI-compatible
-_OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
-
-
-@router.get("/v1/models", response_model=ModelList)
+@router.get("/v1/models", response_model=ModelList, responses=errors())
 def list_models(runtime: Runtime = Depends(get_runtime), engine: Engine = Depends(get_engine),
                 owner: str | None = Depends(get_owner)) -> ModelList:
     base = ModelCard(id=engine.model_name, created=int(runtime.started_at), owned_by="refine-tta")
@@ -179,32 +185,49 @@ def list_models(runtime: Runtime = Depends(get_runtime), engine: Engine = Depend
     return ModelList(data=[base, *sessions])
 
 
-@router.post("/v1/completions", response_model=Completion)
+def _usage(prompts: list[openai.Prompt], results: list[GenerationResult | None]) -> CompletionUsage:
+    prompt_tokens = sum(len(p.ids) for p in prompts)
+    completion_tokens = sum(len(r.tokens) for r in results if r is not None)
+    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)
+
+
+@router.post("/v1/completions", response_model=Completion,
+             responses={200: {"content": EVENT_STREAM}, **errors(400, 404, 413, 429)})
 async def completions(body: CompletionRequest, request: Request, engine: Engine = Depends(get_engine),
                       owner: str | None = Depends(get_owner)) -> Any:
-    session_id = None if body.model == engine.model_name else body.model
-    if session_id is not None and not is_session_id(session_id):
-        raise NotFound(f"model {body.model!r} not found: use a session id or the base model {engine.model_name!r}")
-    seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-    sampling = sampling_config(engine, body.max_tokens, 16, body.temperature, body.top_p, seed, body.stops)
+    session_id = openai.session_of(engine, body.model)
+    openai.refuse_unsupported(body)
+    seed = openai.new_seed(body)
+    openai.sampling_of(engine, body, seed)  # bad sampling values fail before any work
+    if session_id is not None:
+        engine.sessions.info(session_id, owner)
+    prompts = await run_in_threadpool(openai.encode_prompts, engine, session_id, body)
     completion_id, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
+    if body.stream:
+        return await _stream_completion(body, engine, session_id, prompts[0], seed, owner, completion_id, created)
+    results = await openai.generate_all(engine, request, session_id, prompts, body, seed, owner)
+    logprobs = (await openai.score_choices(engine, request, session_id, prompts, results, body, owner)
+                if body.logprobs is not None else [None] * len(results))
+    choices = [CompletionChoice(index=i, text=openai.choice_text(prompts[i // body.n], result, body.echo),
+                                logprobs=logprobs[i],
+                                finish_reason="length" if result is None else openai.FINISH[result.finish_reason])
+               for i, result in enumerate(results)]
+    return Completion(id=completion_id, created=created, model=body.model, usage=_usage(prompts, results),
+                      choices=choices)
+
+
+async def _stream_completion(body: CompletionRequest, engine: Engine, session_id: str | None, prompt: openai.Prompt,
+                             seed: int, owner: str | None, completion_id: str, created: int) -> Any:
+    sampling = openai.sampling_of(engine, body, seed)
 
     def chunk(text: str, finish: str | None, usage: CompletionUsage | None = None, choices: bool = True) -> str:
         return Completion(id=completion_id, created=created, model=body.model, usage=usage,
                           choices=[CompletionChoice(text=text, finish_reason=finish)] if choices else []
                           ).model_dump_json(exclude_none=usage is None)
 
-    def usage(result: GenerationResult) -> CompletionUsage:
-        return CompletionUsage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens),
-                               total_tokens=result.prompt_tokens + len(result.tokens))
-
-    if not body.stream:
-        handle = await run_in_threadpool(engine.submit_generate, session_id, body.prompt_text, sampling, owner)
-        result: GenerationResult = await wait_for_job(handle, request)
-        choice = CompletionChoice(text=result.text, finish_reason=_OPENAI_FINISH[result.finish_reason])
-        return Completion(id=completion_id, created=created, model=body.model, usage=usage(result), choices=[choice])
     bridge = EventBridge()
-    handle = await run_in_threadpool(engine.submit_generate, session_id, body.prompt_text, sampling, owner,
+    handle = await run_in_threadpool(engine.submit_generate, session_id, prompt.ids, sampling, owner,
                                      bridge.callback(lambda piece, token: piece))
     bridge.attach(handle)
 
@@ -216,9 +239,36 @@ async def completions(body: CompletionRequest, request: Request, engine: Engine 
             yield {"data": describe(error).json()}
             return
         result = handle.future.result()
-        yield {"data": chunk("", _OPENAI_FINISH[result.finish_reason])}
+        yield {"data": chunk("", openai.FINISH[result.finish_reason])}
         if body.include_usage:
-            yield {"data": chunk("", None, usage(result), choices=False)}
+            yield {"data": chunk("", None, _usage([prompt], [result]), choices=False)}
         yield {"data": "[DONE]"}
 
     return sse(events(), handle)
+
+
+# ------------------------------------------------------------------------------- tokenize (vLLM)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=errors(400, 404))
+async def tokenize(body: TokenizeRequest, engine: Engine = Depends(get_engine),
+                   owner: str | None = Depends(get_owner)) -> TokenizeResponse:
+    """vLLM's ``/tokenize``: the ids of ``prompt`` (every model here shares the base tokenizer)."""
+    if body.model is not None:
+        session_id = openai.session_of(engine, body.model)
+        if session_id is not None:
+            engine.sessions.info(session_id, owner)
+    ids = await run_in_threadpool(engine.encode, body.prompt, body.add_special_tokens)
+    return TokenizeResponse(count=len(ids), max_model_len=engine.limits.max_prompt_tokens, tokens=ids)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 404))
+async def detokenize(body: DetokenizeRequest, engine: Engine = Depends(get_engine),
+                     owner: str | None = Depends(get_owner)) -> DetokenizeResponse:
+    """vLLM's ``/detokenize``: the text of token ids (special tokens left out)."""
+    if body.model is not None:
+        session_id = openai.session_of(engine, body.model)
+        if session_id is not None:
+            engine.sessions.info(session_id, owner)
+    bad = [t for t in body.tokens if t >= engine.vocab_size]
+    if bad:
+        raise BadParameter(f"token id {bad[0]} is out of range [0, {engine.vocab_size})", "tokens")
+    return DetokenizeResponse(prompt=await run_in_threadpool(engine.decode, body.tokens))

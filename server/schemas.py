@@ -1,23 +1,40 @@
 """Typed request and response bodies of the HTTP API (docs/http-api.md).
 
-Requests are strict (``"4"`` is not an int, ``123`` is not a string) and reject unknown fields,
-except the OpenAI completions request, which ignores fields it does not use (so OpenAI clients
-that send extra options keep working) and refuses the ones it cannot honour. Value checks that
-belong to the library (``k >= 1``, known reward kinds, ...) stay in ``RefineConfig`` and come
-back as 400 ``invalid_request`` with its message.
+Requests are strict (``"4"`` is not an int, ``123`` is not a string; ``2.0`` is the int 2, as
+JSON Schema says) and reject unknown fields, except the OpenAI completions request, which ignores
+fields it does not use (so OpenAI clients that send extra options keep working) and refuses the
+ones it cannot honour. Numbers are finite and every setting has a documented range, so the
+OpenAPI schema says what the server takes. Checks that need more than one field or the model
+(``k`` and ``edge_margin`` against the document, known LoRA targets, ...) stay in ``RefineConfig``
+and the engine and come back as 400 ``invalid_request`` with their message.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
-from refine_tta.engine import Session
-from refine_tta.model.generation import GenerationResult
+from refine_tta.engine import GenerationResult, Session
 
-_STRICT = ConfigDict(strict=True, extra="forbid")
+_STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 MAX_SEED = 2**63 - 1
+MAX_STOPS = 8
+MAX_BATCH = 32  # prompts in one completions request
+MAX_CHOICES = 32  # prompts * n in one completions request
+MAX_LOGPROBS = 20
+
+
+def _integral(value: Any) -> Any:
+    """``2.0`` -> ``2`` (JSON Schema's integers include it); anything else is left to validation."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_SEED:
+        return int(value)
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_integral)]
+NonEmpty = Annotated[str, Field(min_length=1)]
+Stop = Annotated[list[NonEmpty], Field(max_length=MAX_STOPS)] | NonEmpty | None
 
 
 def _valid_unicode(value: Any) -> Any:
@@ -32,48 +49,40 @@ def _valid_unicode(value: Any) -> Any:
     return value
 
 
-def _stop_list(value: Any) -> Any:
-    if value is None:
-        return []
-    if isinstance(value, str):
-        value = [value]
-    if isinstance(value, list):
-        if len(value) > 8:
-            raise ValueError("at most 8 stop strings")
-        if any(isinstance(s, str) and not s for s in value):
-            raise ValueError("stop strings must be non-empty")
-    return value
+def _stops(value: list[str] | str | None) -> list[str]:
+    return [value] if isinstance(value, str) else list(value or [])
 
 
 # ------------------------------------------------------------------------------------- /v1/adapt
 class AdaptSettings(BaseModel):
-    """RefineConfig fields a request may set; absent fields take the server's defaults."""
+    """RefineConfig fields a request may set; absent fields take the server's defaults. Ranges are
+    what the HTTP API accepts (the server's limits, e.g. ``max_steps``, may be lower)."""
 
     model_config = _STRICT
 
-    mode: str | None = None
-    steps: int | None = None
-    lr: float | None = None
-    weight_decay: float | None = None
-    grad_clip: float | None = None
-    n_chunks: int | None = None
-    k: int | None = None
-    n: int | None = None
-    selection: str | None = None
-    reward: str | None = None
-    sft_coef: float | None = None
-    ppo_coef: float | None = None
-    clip_low: float | None = None
-    clip_high: float | None = None
-    dual_clip: float | None = None
-    temperature: float | None = None
-    edge_margin: int | None = None
-    scope: str | None = None
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    lora_targets: list[str] | None = None
-    layers: list[int] | None = None
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    mode: Literal["refine", "sft", "none"] | None = None
+    steps: Int | None = Field(None, ge=0, le=100_000)
+    lr: float | None = Field(None, gt=0.0, le=1.0)
+    weight_decay: float | None = Field(None, ge=0.0, le=10.0)
+    grad_clip: float | None = Field(None, gt=0.0, le=1e6)
+    n_chunks: Int | None = Field(None, ge=1, le=100_000)
+    k: Int | None = Field(None, ge=1, le=100_000)
+    n: Int | None = Field(None, ge=1, le=100_000)
+    selection: Literal["entropy", "uniform", "argmax", "argmin"] | None = None
+    reward: Literal["cosine", "binary", "hybrid"] | None = None
+    sft_coef: float | None = Field(None, ge=0.0, le=1e3)
+    ppo_coef: float | None = Field(None, ge=0.0, le=1e3)
+    clip_low: float | None = Field(None, gt=0.0, le=1.0)
+    clip_high: float | None = Field(None, gt=0.0, le=1.0)
+    dual_clip: float | None = Field(None, gt=1.0, le=1e3)
+    temperature: float | None = Field(None, ge=1e-3, le=100.0)
+    edge_margin: Int | None = Field(None, ge=0, le=1_000_000)
+    scope: Literal["full", "lora", "layers"] | None = None
+    lora_rank: Int | None = Field(None, ge=1, le=100_000)
+    lora_alpha: float | None = Field(None, gt=0.0, le=1e6)
+    lora_targets: list[NonEmpty] | None = Field(None, min_length=1, max_length=64)
+    layers: list[Annotated[Int, Field(ge=0, le=10_000)]] | None = Field(None, min_length=1, max_length=10_000)
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED)
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -82,7 +91,8 @@ class AdaptSettings(BaseModel):
 class AdaptRequest(BaseModel):
     model_config = _STRICT
 
-    document: str = Field(min_length=1, description="the text to adapt to")
+    document: str = Field(min_length=1, description="the text to adapt to (at most the server's "
+                                                     "max_document_tokens tokens; over it: 413)")
     settings: AdaptSettings = Field(default_factory=AdaptSettings)
     stream: bool = False
 
@@ -131,23 +141,18 @@ class GenerateRequest(BaseModel):
 
     session_id: str | None = None
     prompt: str
-    max_tokens: int | None = Field(None, ge=1, description="default: 64, or the server's limit if lower")
-    temperature: float = Field(0.0, ge=0.0)
+    max_tokens: Int | None = Field(None, ge=1, description="default: 64, or the server's limit if lower")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy; otherwise at least 0.001")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int = Field(0, ge=0, le=MAX_SEED)
-    stop: list[str] | str | None = None
+    seed: Int = Field(0, ge=0, le=MAX_SEED)
+    stop: Stop = None
     stream: bool = False
-
-    @field_validator("stop", mode="before")
-    @classmethod
-    def _stops(cls, value: Any) -> Any:
-        return _stop_list(value)
 
     _unicode = field_validator("prompt", "stop")(_valid_unicode)
 
     @property
     def stops(self) -> list[str]:
-        return list(self.stop or [])
+        return _stops(self.stop)
 
 
 class GenerateResponse(BaseModel):
@@ -181,58 +186,84 @@ class Health(BaseModel):
 
 
 # -------------------------------------------------------------------------------- OpenAI-compatible
-class CompletionRequest(BaseModel):
-    """OpenAI ``POST /v1/completions``. ``model``: a session id or the base model's name."""
+TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
 
+
+class StreamOptions(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
 
+    include_usage: bool = False
+
+
+class CompletionRequest(BaseModel):
+    """OpenAI ``POST /v1/completions``. ``model``: a session id or the base model's name.
+
+    ``prompt``: text, a list of texts, token ids, or a list of token-id lists; a list is one batch
+    (choice ``i * n + j`` is the j-th completion of prompt i). Token ids are read as given (no BOS).
+    """
+
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
     model: str
-    prompt: str | list[str]
-    max_tokens: int | None = Field(None, ge=1, description="default: 16, or the server's limit if lower")
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=MAX_BATCH)]
+    max_tokens: Int | None = Field(None, ge=0, description="default: 16, or the server's limit if lower; 0 only "
+                                                            "with echo (score the prompt)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    stop: list[str] | str | None = None
+    n: Int = Field(1, ge=1, le=MAX_CHOICES, description=f"completions per prompt (prompts * n <= {MAX_CHOICES})")
+    best_of: Int | None = Field(None, ge=1, le=MAX_CHOICES, description="only equal to n (no re-ranking)")
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED, description="choice i samples with seed + i")
+    stop: Stop = None
     stream: bool = False
-    stream_options: dict[str, Any] | None = None
-    n: int = Field(1, ge=1, le=1, description="only one choice per request")
-    best_of: int | None = Field(None, ge=1, le=1)
-    echo: Literal[False] = False
-    logprobs: None = Field(None, description="log-probabilities are not supported")
-    suffix: None = Field(None, description="suffixes (insertion) are not supported")
+    stream_options: StreamOptions | None = None
+    echo: bool = Field(False, description="prepend the prompt to each choice (its tokens in logprobs)")
+    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token and "
+                                                                         "the top-k alternatives")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="not supported: only 0")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="not supported: only 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only empty")
+    suffix: str | None = Field(None, description="not supported: only empty")
     user: str | None = None
 
-    @field_validator("stop", mode="before")
+    @field_validator("prompt", "stop")
     @classmethod
-    def _stops(cls, value: Any) -> Any:
-        return _stop_list(value)
+    def _unicode(cls, value: Any) -> Any:
+        return _valid_unicode(value)
 
     @property
     def stops(self) -> list[str]:
-        return list(self.stop or [])
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, value: str | list[str]) -> str | list[str]:
-        if isinstance(value, list) and len(value) != 1:
-            raise ValueError("exactly one prompt per request (a string, or a list holding one string)")
-        return _valid_unicode(value)
-
-    _unicode = field_validator("stop")(_valid_unicode)
+        return _stops(self.stop)
 
     @property
-    def prompt_text(self) -> str:
-        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+    def prompts(self) -> list[str | list[int]]:
+        """The batch: each prompt as text or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(x, int) for x in p):
+            return [list(p)]
+        return list(p)
 
     @property
     def include_usage(self) -> bool:
-        return bool((self.stream_options or {}).get("include_usage"))
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy logprobs: one entry per token of the choice's text (the prompt's first when
+    echoed); ``token_logprobs`` is null for a first token with nothing before it."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
 
 
 class CompletionChoice(BaseModel):
     text: str
     index: int = 0
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -261,3 +292,46 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# ------------------------------------------------------------------------------ tokenize (vLLM)
+class TokenizeRequest(BaseModel):
+    model_config = _STRICT
+
+    model: str | None = Field(None, description="a session id or the base model (all share one tokenizer)")
+    prompt: str
+    add_special_tokens: bool = Field(True, description="add BOS, as a base-model text prompt does")
+
+    _unicode = field_validator("prompt")(_valid_unicode)
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int = Field(description="the most tokens one prompt may have (max_prompt_tokens)")
+    tokens: list[int]
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = _STRICT
+
+    model: str | None = None
+    tokens: list[Annotated[Int, Field(ge=0)]]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# ------------------------------------------------------------------------------------ errors
+class ErrorDetail(BaseModel):
+    type: str = Field(description="invalid_request, authentication_error, permission_denied, not_found, "
+                                  "limit_exceeded, rate_limited, unavailable, internal_error")
+    message: str
+    param: str | None = Field(description="the request field at fault (dotted), if one is")
+    code: str | None = Field(description="a machine-readable reason, e.g. limit_exceeded, invalid_json")
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error (and the data of a stream's ``error`` event)."""
+
+    error: ErrorDetail

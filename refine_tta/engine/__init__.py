@@ -10,6 +10,8 @@ from refine_tta.engine.engine import (
     GenerateJob,
     Job,
     JobHandle,
+    ScoreJob,
+    TokenScores,
     jsonable,
 )
 from refine_tta.engine.errors import (
@@ -22,9 +24,11 @@ from refine_tta.engine.errors import (
     Unavailable,
 )
 from refine_tta.engine.sessions import Session, SessionStore, is_session_id, new_session_id
+from refine_tta.model.generation import GenerationResult, SamplingConfig
+from refine_tta.refine.config import RefineConfig
 
 __all__ = [
-    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob",
-    "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull", "Session", "SessionStore",
-    "Unavailable", "is_session_id", "jsonable", "new_session_id",
+    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob", "GenerationResult",
+    "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull", "RefineConfig", "SamplingConfig", "ScoreJob", "Session", "SessionStore",
+    "TokenScores", "Unavailable", "is_session_id", "jsonable", "new_session_id",
 ]

@@ -34,6 +34,7 @@ from refine_tta.engine.errors import Cancelled, EngineError, InvalidSettings, Li
 from refine_tta.engine.sessions import Session, SessionStore
 from refine_tta.model.generation import MIN_TEMPERATURE, GenerationResult, SamplingConfig, generate
 from refine_tta.model.loading import LoadedModel
+from refine_tta.model.runtime import read
 from refine_tta.model.state import DocumentState
 from refine_tta.refine.config import RefineConfig
 
@@ -154,6 +155,34 @@ class GenerateJob:
 
     def run(self, engine: Engine, handle: JobHandle) -> GenerationResult:
         return engine._run_generate(self, handle)
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Log-probabilities of one token sequence under the model (fp32, natural log).
+
+    token_logprobs[i]: log p(ids[i] | everything before it), None for a first token with nothing
+    before it (base model, no BOS). top[i]: the ``top_k`` most likely tokens at position i as
+    (id, logprob), best first ([] for that first token or when top_k is 0)."""
+
+    ids: list[int]
+    token_logprobs: list[float | None]
+    top: list[list[tuple[int, float]]]
+
+
+@dataclass
+class ScoreJob:
+    """Score token sequences after a session's document (None: base model, nothing read), in one
+    batched forward pass -> ``list[TokenScores]`` in the order given."""
+
+    session_id: str | None
+    sequences: list[list[int]]
+    top_k: int
+    owner: str | None
+    kind: str = "score"
+
+    def run(self, engine: Engine, handle: JobHandle) -> list[TokenScores]:
+        return engine._run_score(self, handle)
 
 
 def jsonable(value: Any) -> Any:
@@ -317,20 +346,57 @@ class Engine:
             raise InvalidSettings(str(exc)) from None
         return self.submit(AdaptJob(ids, config, owner, on_progress))
 
-    def submit_generate(self, session_id: str | None, prompt: str, sampling: SamplingConfig, owner: str | None,
-                        on_text: Callable[[str, int], None] | None = None) -> JobHandle:
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (the model's embedding rows)."""
+        return int(self.loaded.model.get_input_embeddings().weight.shape[0])
+
+    def prompt_ids(self, session_id: str | None, prompt: str | list[int]) -> list[int]:
+        """A prompt as the ids the model reads, checked against ``max_prompt_tokens``.
+
+        Text is encoded with BOS for the base model (``session_id`` None) and without it after a
+        session's document. Token ids are taken as given (no BOS added), each checked in range."""
+        if isinstance(prompt, str):
+            ids = self.encode(prompt, add_special_tokens=session_id is None)
+        else:
+            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidSettings(f"token id {bad[0]!r} is out of range [0, {self.vocab_size})")
+            ids = list(prompt)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise LimitExceeded("max_prompt_tokens", len(ids), self.limits.max_prompt_tokens, what="prompt tokens")
+        return ids
+
+    def submit_generate(self, session_id: str | None, prompt: str | list[int], sampling: SamplingConfig,
+                        owner: str | None, on_text: Callable[[str, int], None] | None = None) -> JobHandle:
         """Check and queue a generation. ``session_id`` None = the base model with nothing read
-        (the prompt is read from scratch, with BOS); otherwise the prompt continues the session's
-        document. The future resolves to a :class:`GenerationResult`."""
+        (a text prompt is read from scratch, with BOS); otherwise the prompt continues the session's
+        document. ``prompt``: text, or token ids taken as given (:meth:`prompt_ids`). The future
+        resolves to a :class:`GenerationResult`."""
         if sampling.max_new_tokens > self.limits.max_new_tokens:
             raise LimitExceeded("max_new_tokens", sampling.max_new_tokens, self.limits.max_new_tokens,
                                 what="max_tokens")
         if session_id is not None:
             self.sessions.info(session_id, owner)  # NotFound now rather than after the queue
-        ids = self.encode(prompt, add_special_tokens=session_id is None)
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise LimitExceeded("max_prompt_tokens", len(ids), self.limits.max_prompt_tokens, what="prompt tokens")
+        ids = self.prompt_ids(session_id, prompt)
+        if not ids and session_id is None:
+            raise InvalidSettings("the prompt is empty and there is no document to continue")
         return self.submit(GenerateJob(session_id, ids, sampling, owner, on_text))
+
+    def submit_score(self, session_id: str | None, sequences: list[list[int]], top_k: int,
+                     owner: str | None) -> JobHandle:
+        """Check and queue the scoring of token sequences (each as :meth:`prompt_ids` gives them)
+        after a session's document or from nothing (base model); one queue slot for all of them.
+        The future resolves to ``list[TokenScores]``."""
+        if session_id is not None:
+            self.sessions.info(session_id, owner)
+        if not 0 <= top_k <= self.vocab_size:
+            raise InvalidSettings(f"top_k must be in [0, {self.vocab_size}], got {top_k}")
+        if not sequences or any(not ids for ids in sequences):
+            raise InvalidSettings("nothing to score: every sequence needs at least one token")
+        for ids in sequences:
+            self.prompt_ids(session_id, ids)
+        return self.submit(ScoreJob(session_id, [list(ids) for ids in sequences], top_k, owner))
 
     def submit(self, job: Job) -> JobHandle:
         """Queue any job; raises QueueFull when the queue is full, Unavailable when stopped."""
@@ -457,13 +523,49 @@ class Engine:
                  stored.state_bytes, stored.delta_bytes, time.perf_counter() - t0)
         return stored
 
-    def _run_generate(self, job: GenerateJob, handle: JobHandle) -> GenerationResult:
-        if job.session_id is None:
-            state, delta = DocumentState.empty(), None
-        else:
-            session = self.sessions.get(job.session_id, job.owner)
-            state, delta = session.state, session.delta
+    def _session_model(self, session_id: str | None, owner: str | None) -> tuple[DocumentState, Any]:
+        """The state to continue from and a context that applies the session's weight delta."""
+        if session_id is None:
+            return DocumentState.empty(), contextlib.nullcontext()
+        session = self.sessions.get(session_id, owner)
+        delta = session.delta
         applied = delta.applied(self.loaded.model) if delta is not None and delta.tensors else contextlib.nullcontext()
+        return session.state, applied
+
+    @torch.no_grad()
+    def _run_score(self, job: ScoreJob, handle: JobHandle) -> list[TokenScores]:
+        state, applied = self._session_model(job.session_id, job.owner)
+        lengths = [len(ids) for ids in job.sequences]
+        width = max(lengths)
+        # Right padding is safe: the model is causal, so a row's padding never reaches its real tokens.
+        batch = torch.zeros(len(lengths), width, dtype=torch.long, device=self.loaded.device)  # [B, T]
+        for row, ids in enumerate(job.sequences):
+            batch[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        start = state if state.is_empty else state.expand(len(lengths))
+        with applied:
+            logits = read(self.loaded.model, batch, start).logits.float()  # [B, T, V]
+        logprobs = torch.log_softmax(logits, dim=-1)
+        first = None if state.next_logits is None else torch.log_softmax(state.next_logits.float(), dim=-1)[0]  # [V]
+        if handle.cancelled:
+            raise Cancelled("scoring cancelled")
+        return [self._scores(ids, logprobs[row, :len(ids) - 1], first, job.top_k)
+                for row, ids in enumerate(job.sequences)]
+
+    @staticmethod
+    def _scores(ids: list[int], predicted: torch.Tensor, first: torch.Tensor | None, top_k: int) -> TokenScores:
+        """ids [T]; predicted [T-1, V]: log-probs after each of ids[:-1]; first [V] or None: before ids[0]."""
+        rows = predicted if first is None else torch.cat([first[None], predicted])  # [T or T-1, V]
+        targets = torch.tensor(ids[len(ids) - rows.shape[0]:], device=rows.device)
+        chosen = rows.gather(-1, targets[:, None])[:, 0].tolist()
+        top: list[list[tuple[int, float]]] = [[] for _ in range(rows.shape[0])]
+        if top_k > 0:
+            values, indices = rows.topk(top_k, dim=-1)
+            top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+        pad = len(ids) - rows.shape[0]  # 1 when the first token has nothing before it
+        return TokenScores(list(ids), [None] * pad + chosen, [[] for _ in range(pad)] + top)
+
+    def _run_generate(self, job: GenerateJob, handle: JobHandle) -> GenerationResult:
+        state, applied = self._session_model(job.session_id, job.owner)
         with applied:
             result = generate(self.loaded.model, state, job.prompt_ids, job.sampling, self._codec.decode,
                               self._codec.eos_token_id, self._guarded(job.on_text, "on_text"), handle.should_stop)
