@@ -29,8 +29,15 @@ DESCRIPTIONS = {
 RETRY_HEADERS = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}},
                  "x-refine-retry-safe": {"description": "`true`: nothing was applied; retrying is safe",
                                          "schema": {"type": "string"}}}
-EVENT_STREAM = {"text/event-stream": {"schema": {"type": "string"},
-                                      "description": "server-sent events (see docs/http-api.md)"}}
+
+
+def event_stream(*events: str) -> dict[str, Any]:
+    """A ``text/event-stream`` 200: each event's name (``message`` when it has none) and JSON data
+    (a string; docs/http-api.md says what each event's data holds)."""
+    return {"text/event-stream": {"schema": {
+        "type": "object", "required": ["event", "data"],
+        "properties": {"event": {"type": "string", "enum": list(events)}, "data": {"type": "string"},
+                       "id": {"type": "string"}, "retry": {"type": "integer"}}}}}
 OPERATOR_PATHS = frozenset({"/metrics"})
 
 

@@ -22,7 +22,7 @@ from server import openai
 from server.errors import BadParameter, describe
 from server.jsonbody import StrictJSONRoute
 from server.metrics import CONTENT_TYPE
-from server.openapi import EVENT_STREAM, errors
+from server.openapi import errors, event_stream
 from server.runtime import Runtime
 from server.schemas import (
     AdaptRequest,
@@ -105,7 +105,7 @@ def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
 
 # ------------------------------------------------------------------------------------------- adapt
 @router.post("/v1/adapt", response_model=AdaptResponse,
-             responses={200: {"content": EVENT_STREAM}, **errors(400, 413, 429)})
+             responses={200: {"content": event_stream("started", "progress", "done", "error")}, **errors(400, 413, 429)})
 async def adapt(body: AdaptRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                 engine: Engine = Depends(get_engine), owner: str | None = Depends(get_owner)) -> Any:
     config = refine_config(runtime, body.settings.given())
@@ -131,7 +131,7 @@ async def adapt(body: AdaptRequest, request: Request, runtime: Runtime = Depends
 
 # ---------------------------------------------------------------------------------------- generate
 @router.post("/v1/generate", response_model=GenerateResponse,
-             responses={200: {"content": EVENT_STREAM}, **errors(400, 404, 413, 429)})
+             responses={200: {"content": event_stream("token", "done", "error")}, **errors(400, 404, 413, 429)})
 async def generate(body: GenerateRequest, request: Request, engine: Engine = Depends(get_engine),
                    owner: str | None = Depends(get_owner)) -> Any:
     sampling = sampling_config(engine, body.max_tokens, 64, body.temperature, body.top_p, body.seed, body.stops)
@@ -193,7 +193,7 @@ def _usage(prompts: list[openai.Prompt], results: list[GenerationResult | None])
 
 
 @router.post("/v1/completions", response_model=Completion,
-             responses={200: {"content": EVENT_STREAM}, **errors(400, 404, 413, 429)})
+             responses={200: {"content": event_stream("message")}, **errors(400, 404, 413, 429)})
 async def completions(body: CompletionRequest, request: Request, engine: Engine = Depends(get_engine),
                       owner: str | None = Depends(get_owner)) -> Any:
     session_id = openai.session_of(engine, body.model)

@@ -32,7 +32,12 @@ def _integral(value: Any) -> Any:
     return value
 
 
-Int = Annotated[int, BeforeValidator(_integral)]
+def IntIn(ge: int | None = None, le: int | None = None) -> Any:  # noqa: N802 (a type)
+    """An int in [ge, le] that also takes an integral float (constraints first: the JSON schema shows them)."""
+    return Annotated[int, Field(ge=ge, le=le), BeforeValidator(_integral)]
+
+
+Int = IntIn()
 NonEmpty = Annotated[str, Field(min_length=1)]
 Stop = Annotated[list[NonEmpty], Field(max_length=MAX_STOPS)] | NonEmpty | None
 
@@ -61,13 +66,13 @@ class AdaptSettings(BaseModel):
     model_config = _STRICT
 
     mode: Literal["refine", "sft", "none"] | None = None
-    steps: Int | None = Field(None, ge=0, le=100_000)
+    steps: IntIn(0, 100_000) | None = None
     lr: float | None = Field(None, gt=0.0, le=1.0)
     weight_decay: float | None = Field(None, ge=0.0, le=10.0)
     grad_clip: float | None = Field(None, gt=0.0, le=1e6)
-    n_chunks: Int | None = Field(None, ge=1, le=100_000)
-    k: Int | None = Field(None, ge=1, le=100_000)
-    n: Int | None = Field(None, ge=1, le=100_000)
+    n_chunks: IntIn(1, 100_000) | None = None
+    k: IntIn(1, 100_000) | None = None
+    n: IntIn(1, 100_000) | None = None
     selection: Literal["entropy", "uniform", "argmax", "argmin"] | None = None
     reward: Literal["cosine", "binary", "hybrid"] | None = None
     sft_coef: float | None = Field(None, ge=0.0, le=1e3)
@@ -76,13 +81,13 @@ class AdaptSettings(BaseModel):
     clip_high: float | None = Field(None, gt=0.0, le=1.0)
     dual_clip: float | None = Field(None, gt=1.0, le=1e3)
     temperature: float | None = Field(None, ge=1e-3, le=100.0)
-    edge_margin: Int | None = Field(None, ge=0, le=1_000_000)
+    edge_margin: IntIn(0, 1_000_000) | None = None
     scope: Literal["full", "lora", "layers"] | None = None
-    lora_rank: Int | None = Field(None, ge=1, le=100_000)
+    lora_rank: IntIn(1, 100_000) | None = None
     lora_alpha: float | None = Field(None, gt=0.0, le=1e6)
     lora_targets: list[NonEmpty] | None = Field(None, min_length=1, max_length=64)
-    layers: list[Annotated[Int, Field(ge=0, le=10_000)]] | None = Field(None, min_length=1, max_length=10_000)
-    seed: Int | None = Field(None, ge=0, le=MAX_SEED)
+    layers: list[IntIn(0, 10_000)] | None = Field(None, min_length=1, max_length=10_000)
+    seed: IntIn(0, MAX_SEED) | None = None
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -141,10 +146,10 @@ class GenerateRequest(BaseModel):
 
     session_id: str | None = None
     prompt: str
-    max_tokens: Int | None = Field(None, ge=1, description="default: 64, or the server's limit if lower")
+    max_tokens: IntIn(1) | None = Field(None, description="default: 64, or the server's limit if lower")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 = greedy; otherwise at least 0.001")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: Int = Field(0, ge=0, le=MAX_SEED)
+    seed: IntIn(0, MAX_SEED) = 0
     stop: Stop = None
     stream: bool = False
 
@@ -186,7 +191,7 @@ class Health(BaseModel):
 
 
 # -------------------------------------------------------------------------------- OpenAI-compatible
-TokenIds = Annotated[list[Annotated[Int, Field(ge=0)]], Field(min_length=1)]
+TokenIds = Annotated[list[IntIn(0)], Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -207,18 +212,18 @@ class CompletionRequest(BaseModel):
     model: str
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_BATCH)] | TokenIds | Annotated[
         list[TokenIds], Field(min_length=1, max_length=MAX_BATCH)]
-    max_tokens: Int | None = Field(None, ge=0, description="default: 16, or the server's limit if lower; 0 only "
+    max_tokens: IntIn(0) | None = Field(None, description="default: 16, or the server's limit if lower; 0 only "
                                                             "with echo (score the prompt)")
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: Int = Field(1, ge=1, le=MAX_CHOICES, description=f"completions per prompt (prompts * n <= {MAX_CHOICES})")
-    best_of: Int | None = Field(None, ge=1, le=MAX_CHOICES, description="only equal to n (no re-ranking)")
-    seed: Int | None = Field(None, ge=0, le=MAX_SEED, description="choice i samples with seed + i")
+    n: IntIn(1, MAX_CHOICES) = Field(1, description=f"completions per prompt (prompts * n <= {MAX_CHOICES})")
+    best_of: IntIn(1, MAX_CHOICES) | None = Field(None, description="only equal to n (no re-ranking)")
+    seed: IntIn(0, MAX_SEED) | None = Field(None, description="choice i samples with seed + i")
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = Field(False, description="prepend the prompt to each choice (its tokens in logprobs)")
-    logprobs: Int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="log-probabilities of each token and "
+    logprobs: IntIn(0, MAX_LOGPROBS) | None = Field(None, description="log-probabilities of each token and "
                                                                          "the top-k alternatives")
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="not supported: only 0")
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, description="not supported: only 0")
@@ -315,7 +320,7 @@ class DetokenizeRequest(BaseModel):
     model_config = _STRICT
 
     model: str | None = None
-    tokens: list[Annotated[Int, Field(ge=0)]]
+    tokens: list[IntIn(0)]
 
 
 class DetokenizeResponse(BaseModel):
