@@ -122,8 +122,11 @@ async def generate_all(engine: Engine, request: Request, session_id: str | None,
 
 
 def _covering(engine: Engine, result: GenerationResult) -> list[int]:
-    """The generated tokens that make up ``result.text``: all of them, or after a stop string the
-    shortest prefix whose text covers what was kept (its last token may hold the stop's start)."""
+    """The generated tokens a choice's logprobs list: all of them plus the EOS that ended the
+    completion (as vLLM lists it; it adds no text), or after a stop string the shortest prefix
+    whose text covers what was kept (its last token may hold the stop's start)."""
+    if result.finish_reason == "eos" and engine.eos_token_id is not None:
+        return [*result.tokens, engine.eos_token_id]
     if result.finish_reason != "stop":
         return result.tokens
     for i in range(len(result.tokens) + 1):

@@ -347,6 +347,10 @@ class Engine:
         return self.submit(AdaptJob(ids, config, owner, on_progress))
 
     @property
+    def eos_token_id(self) -> int | None:
+        return self._codec.eos_token_id
+
+    @property
     def vocab_size(self) -> int:
         """Token ids run from 0 to vocab_size - 1 (the model's embedding rows)."""
         return int(self.loaded.model.get_input_embeddings().weight.shape[0])
