@@ -62,6 +62,31 @@ def test_openapi_documents_every_answer(tiny, tmp_path, keys):
         assert spec["paths"]["/metrics"]["get"]["security"] == [{"operatorKey": []}]
 
 
+def test_docs_pages_are_off_by_default(tiny, tmp_path):
+    with app_client(tiny, tmp_path) as client:
+        assert client.get("/docs").status_code == 404 and client.get("/redoc").status_code == 404
+        assert client.get("/openapi.json").status_code == 200
+
+
+def test_key_check_compares_every_key(monkeypatch):
+    import hmac
+
+    from server import middleware
+
+    calls = []
+
+    def counting(a: bytes, b: bytes) -> bool:
+        calls.append(b)
+        return a == b
+
+    monkeypatch.setattr(middleware.hmac, "compare_digest", counting)
+    keys = [b"first", b"second", b"third"]
+    assert middleware.key_matches(b"first", keys) and calls == keys  # no early exit on the first match
+    calls.clear()
+    assert not middleware.key_matches(b"nope", keys) and calls == keys
+    assert hmac.compare_digest is counting
+
+
 def _statuses(url: str, headers: dict[str, str]) -> Counter:
     """Requests answered so far, by status (from the server's own metrics)."""
     text = httpx.get(url + "/metrics", headers=headers, timeout=30).text

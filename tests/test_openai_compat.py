@@ -163,3 +163,17 @@ def test_openai_package_types_and_errors(client, base, session_id):
         assert info.value.body["param"] == param, info.value.body
     with pytest.raises(NotFoundError):
         oai.completions.create(model="sess_" + "0" * 32, prompt="a")
+
+
+def test_scoring_in_groups_equals_one_batch(client, session_id, tok, monkeypatch):
+    from refine_tta.engine import engine as engine_module
+
+    prompts = [tok(t, add_special_tokens=False)["input_ids"] for t in (" The keeper", " In the winter of the storm",
+                                                                       " Birds")]
+    body = {"model": session_id, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 2}
+    together = client.post("/v1/completions", json=body).json()["choices"]
+    monkeypatch.setattr(engine_module, "SCORE_LOGITS_BUDGET", 1)  # every prompt in its own forward pass
+    alone = client.post("/v1/completions", json=body).json()["choices"]
+    for a, b in zip(together, alone):
+        assert close(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"], 1e-5)
+        assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"]

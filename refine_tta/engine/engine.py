@@ -46,6 +46,9 @@ ADAPT_STARTED = "started"
 ADAPT_STEP = "progress"
 """``on_progress`` event sent after every step, with the step's statistics (``step``, ``of``, ...)."""
 
+SCORE_LOGITS_BUDGET = 2**26
+"""Most logits (batch * tokens * vocab, fp32) one scoring forward pass holds; bigger jobs run in groups."""
+
 ProgressFn = Callable[[str, dict[str, Any]], None]
 """``on_progress(event, data)``: :data:`ADAPT_STARTED` once, then :data:`ADAPT_STEP` per step."""
 
@@ -539,21 +542,39 @@ class Engine:
     @torch.no_grad()
     def _run_score(self, job: ScoreJob, handle: JobHandle) -> list[TokenScores]:
         state, applied = self._session_model(job.session_id, job.owner)
-        lengths = [len(ids) for ids in job.sequences]
-        width = max(lengths)
-        # Right padding is safe: the model is causal, so a row's padding never reaches its real tokens.
-        batch = torch.zeros(len(lengths), width, dtype=torch.long, device=self.loaded.device)  # [B, T]
-        for row, ids in enumerate(job.sequences):
-            batch[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        start = state if state.is_empty else state.expand(len(lengths))
-        with applied:
-            logits = read(self.loaded.model, batch, start).logits.float()  # [B, T, V]
-        logprobs = torch.log_softmax(logits, dim=-1)
         first = None if state.next_logits is None else torch.log_softmax(state.next_logits.float(), dim=-1)[0]  # [V]
-        if handle.cancelled:
-            raise Cancelled("scoring cancelled")
-        return [self._scores(ids, logprobs[row, :len(ids) - 1], first, job.top_k)
-                for row, ids in enumerate(job.sequences)]
+        scores: list[TokenScores] = []
+        with applied:
+            for rows in self._score_batches(job.sequences):
+                if handle.cancelled:
+                    raise Cancelled("scoring cancelled")
+                logprobs = self._batch_logprobs(rows, state)  # [B, T, V]
+                scores += [self._scores(ids, logprobs[row, :len(ids) - 1], first, job.top_k)
+                           for row, ids in enumerate(rows)]
+        return scores
+
+    def _score_batches(self, sequences: list[list[int]]) -> list[list[list[int]]]:
+        """Consecutive groups whose padded logits stay under SCORE_LOGITS_BUDGET elements (one row
+        alone may exceed it)."""
+        groups: list[list[list[int]]] = []
+        for ids in sequences:
+            group = groups[-1] if groups else None
+            if group is not None and (len(group) + 1) * max(len(ids), *map(len, group)) * self.vocab_size \
+                    <= SCORE_LOGITS_BUDGET:
+                group.append(ids)
+            else:
+                groups.append([ids])
+        return groups
+
+    def _batch_logprobs(self, rows: list[list[int]], state: DocumentState) -> torch.Tensor:
+        """Log-probabilities [B, T, V] (fp32) after each token of each row, read from ``state``.
+        Rows are right-padded: the model is causal, so padding never reaches a row's real tokens."""
+        width = max(len(ids) for ids in rows)
+        batch = torch.zeros(len(rows), width, dtype=torch.long, device=self.loaded.device)  # [B, T]
+        for row, ids in enumerate(rows):
+            batch[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        start = state if state.is_empty else state.expand(len(rows))
+        return torch.log_softmax(read(self.loaded.model, batch, start).logits.float(), dim=-1)
 
     @staticmethod
     def _scores(ids: list[int], predicted: torch.Tensor, first: torch.Tensor | None, top_k: int) -> TokenScores:
