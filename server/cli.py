@@ -82,6 +82,9 @@ SETTING_OPTIONS: dict[str, tuple[str, dict]] = {
     "refine_preset": ("--refine-preset", {"help": "named adaptation defaults: embedded (default), paper, library"}),
     "refine_defaults": ("--refine-defaults", {"type": _json_object, "metavar": "JSON",
                                               "help": "RefineConfig fields over the preset, e.g. '{\"steps\": 2}'"}),
+    "prune_sessions_at_start": ("--prune-sessions-at-start", {
+        "action": "store_true", "help": "delete least recently used sessions if over --session-disk-bytes at start"}),
+    "shutdown_grace_s": ("--shutdown-grace-s", {"type": float, "help": "seconds a running job may finish after SIGTERM"}),
     "log_level": ("--log-level", {"choices": ["critical", "error", "warning", "info", "debug"]}),
     "threads": ("--threads", {"type": int, "help": "torch CPU threads (default: chosen from the idle CPUs)"}),
 }
@@ -223,8 +226,10 @@ def serve(args: argparse.Namespace) -> int:
     host, port = sock.getsockname()[:2]
     app.state.runtime.address = f"http://{host}:{port}"
     # One process, one worker thread: the device is owned by exactly one engine. Access lines come
-    # from our middleware (one per request, with its id and latency), not uvicorn's.
-    config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=10, access_log=False,
+    # from our middleware (one per request, with its id and latency), not uvicorn's. uvicorn waits
+    # for open requests a little longer than the engine's grace period, so every request is answered
+    # by the engine (503 + Retry-After, or a stream's error event), not cut.
+    config = uvicorn.Config(app, log_level=settings.log_level, timeout_graceful_shutdown=int(settings.shutdown_grace_s) + 10, access_log=False,
                             log_config=None)
     uvicorn.Server(config).run(sockets=[sock])
     return 0
@@ -233,8 +238,7 @@ def serve(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------- sessions
 def sessions_command(args: argparse.Namespace) -> int:
     """``refine-tta sessions list|adopt|delete``: the store of ``--state-dir`` for ``--model``."""
-    from refine_tta.engine import NotFound, SessionStore
-    from server.middleware import owner_of
+    from refine_tta.engine import SessionStore, StateDirLocked
     from server.runtime import load_for_settings
 
     try:
@@ -249,12 +253,27 @@ def sessions_command(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     loaded = load_for_settings(settings)  # the store needs the model's fingerprint
-    store = SessionStore(settings.state_dir, loaded.fingerprint.to_dict(), device="cpu")
+    try:
+        store = SessionStore.open(settings.state_dir, loaded.fingerprint)  # locked: the server must be stopped
+    except StateDirLocked as exc:
+        print(f"refine-tta sessions: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return _sessions_action(args, store, settings.state_dir)
+    finally:
+        store.close()
+
+
+def _sessions_action(args: argparse.Namespace, store, state_dir: Path) -> int:
+    """list / adopt / delete on an open (locked) store; returns the exit status."""
+    from refine_tta.engine import NotFound
+    from server.middleware import owner_of
+
     owner = owner_of(args.owner_key) if args.owner_key and args.action != "adopt" else None
     ids = args.session_ids or [s.id for s in store.list(owner)]
     whose = "owned by that key" if owner else "without an owner"
     if args.action == "list":
-        print(f"{len(ids)} sessions {whose} in {settings.state_dir}")
+        print(f"{len(ids)} sessions {whose} in {state_dir}")
         for session in store.list(owner):
             print(f"{session.id}  {session.document_tokens} tokens  created {session.created:.0f}")
         return 0

@@ -20,7 +20,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Match
 
-from refine_tta.engine import Cancelled, InvalidSettings, LimitExceeded, NotFound, QueueFull, Unavailable
+from refine_tta.engine import (
+    Cancelled,
+    InvalidSettings,
+    LimitExceeded,
+    NotFound,
+    QueueFull,
+    StorageFull,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +167,8 @@ def describe(exc: BaseException) -> ErrorInfo:
     if isinstance(exc, Unavailable):
         return ErrorInfo(503, "unavailable", str(exc), {} if exc.retry_after is None else _retry(exc.retry_after),
                          code="unavailable")
+    if isinstance(exc, StorageFull):
+        return ErrorInfo(507, "storage_full", str(exc), code="storage_full")
     if isinstance(exc, Cancelled):
         return ErrorInfo(499, "cancelled", str(exc), code="cancelled")
     if isinstance(exc, AuthenticationFailed):
@@ -208,7 +218,7 @@ def install_error_handlers(app: FastAPI) -> None:
                              f"allowed: {', '.join(allow)}", {"Allow": ", ".join(allow)}, code="method_not_allowed")
         return info.response()
 
-    for cls in (NotFound, LimitExceeded, InvalidSettings, QueueFull, Unavailable, Cancelled, AuthenticationFailed,
-                PermissionDenied, BadParameter, BodyTooLarge, MalformedJSON, RequestValidationError,
-                StarletteHTTPException, Exception):
+    for cls in (NotFound, LimitExceeded, InvalidSettings, QueueFull, Unavailable, StorageFull, Cancelled,
+                AuthenticationFailed, PermissionDenied, BadParameter, BodyTooLarge, MalformedJSON,
+                RequestValidationError, StarletteHTTPException, Exception):
         app.add_exception_handler(cls, handle)

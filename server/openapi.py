@@ -24,7 +24,9 @@ DESCRIPTIONS = {
     413: "Body over max_body_bytes, or document over max_document_tokens",
     429: "Work queue full; retry after `Retry-After` seconds",
     500: "A bug (the body says so; the server log has the trace)",
-    503: "Model loading (`Retry-After` set) or failed to load (no `Retry-After`)",
+    507: "The session store is over its disk budget; nothing was stored",
+    503: "Model loading, server shutting down or session files unreadable now (`Retry-After` set); or the model "
+         "failed to load (no `Retry-After`)",
 }
 RETRY_HEADERS = {"Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "string"}},
                  "x-refine-retry-safe": {"description": "`true`: nothing was applied; retrying is safe",

@@ -105,7 +105,8 @@ def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
 
 # ------------------------------------------------------------------------------------------- adapt
 @router.post("/v1/adapt", response_model=AdaptResponse,
-             responses={200: {"content": event_stream("started", "progress", "done", "error")}, **errors(400, 413, 429)})
+             responses={200: {"content": event_stream("started", "progress", "done", "error")},
+                        **errors(400, 413, 429, 507)})
 async def adapt(body: AdaptRequest, request: Request, runtime: Runtime = Depends(get_runtime),
                 engine: Engine = Depends(get_engine), owner: str | None = Depends(get_owner)) -> Any:
     config = refine_config(runtime, body.settings.given())

@@ -1,17 +1,25 @@
-"""What one app instance owns: its settings, its metrics, and (once loaded) the engine.
+"""What one app instance owns: its settings, its metrics, the state directory's lock and (once
+loaded) the engine.
 
-The model is loaded once per app, in a thread started by the lifespan, so the server answers
-``/health`` with 503 (``Retry-After``) while it loads. A failed load is logged and reported by
-every request: 503 with the reason, no ``Retry-After``, and a message that says it will not
-recover (the process stays up so that a supervisor sees it unhealthy; fix and restart).
+The lifespan takes the state directory's lock first: a second server on the same directory stops at
+start with a clear message. The model is loaded once per app, in a thread started by the lifespan,
+so the server answers ``/health`` with 503 (``Retry-After``) while it loads. A failed load is logged
+and reported by every request: 503 with the reason, no ``Retry-After``, and a message that says it
+will not recover (the process stays up so that a supervisor sees it unhealthy; fix and restart).
 When the engine is ready, one summary line says what is serving: model, device, backend, dtype,
 threads, preset, state directory, sessions restored, auth.
+
+Shutdown (SIGTERM/SIGINT, seen as soon as the signal arrives): new jobs get 503, queued jobs end at
+once with 503 + ``Retry-After`` + ``x-refine-retry-safe``, the running job gets ``shutdown_grace_s``
+to finish and is then cancelled the same way; a stream ends with its ``done`` or ``error`` event.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -24,7 +32,7 @@ from server.settings import ServerSettings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from refine_tta.engine import Engine, SessionStore
+    from refine_tta.engine import Engine, SessionStore, StateDirLock
     from refine_tta.model.loading import LoadedModel
     from refine_tta.threads import ThreadPolicy
 
@@ -65,6 +73,7 @@ class Runtime:
         self.settings = settings
         self.loader = loader or load_for_settings
         self.engine: Engine | None = None
+        self.lock: StateDirLock | None = None
         self.error: str | None = None
         self.started_at = time.time()
         self.threads: ThreadPolicy | None = None  # set by the ``serve`` command (it chose the policy)
@@ -113,13 +122,14 @@ class Runtime:
 
     def start_engine(self) -> None:
         """Load the model, open the session store, start the worker (runs in a thread)."""
-        from refine_tta.engine import Engine, EngineLimits, SessionStore
+        from refine_tta.engine import Engine, EngineLimits, SessionStorage, SessionStore
 
         s = self.settings
         try:
             loaded = self.loader(s)
-            store = SessionStore(s.state_dir, loaded.fingerprint.to_dict(), memory_budget_bytes=s.session_memory_bytes,
-                                 disk_budget_bytes=s.session_disk_bytes, device=loaded.device)
+            store = SessionStore(SessionStorage(s.state_dir, loaded.fingerprint, self.lock),
+                                 memory_budget_bytes=s.session_memory_bytes, disk_budget_bytes=s.session_disk_bytes,
+                                 prune_at_start=s.prune_sessions_at_start, device=loaded.device)
             limits = EngineLimits(max_document_tokens=s.max_document_tokens, max_prompt_tokens=s.max_prompt_tokens,
                                   max_new_tokens=s.max_new_tokens, max_steps=s.max_steps, queue_size=s.queue_size,
                                   max_rollout_tokens=s.max_rollout_tokens, max_lora_rank=s.max_lora_rank)
@@ -135,14 +145,58 @@ class Runtime:
         log.info("%s", self.summary(loaded, store))
         self.warn_unowned(store)
 
+    def begin_shutdown(self) -> None:
+        """Stop taking work and give the running job its grace period (returns at once)."""
+        self._closing = True
+        engine = self.engine
+        if engine is not None:
+            engine.begin_shutdown(self.settings.shutdown_grace_s, retry_after=self.retry_after_loading)
+
+    def _watch_signals(self) -> Callable[[], None]:
+        """Chain SIGTERM/SIGINT to :meth:`begin_shutdown` ahead of the ASGI server's own handler
+        (which stops accepting connections and waits for open requests). Returns the undo. Only in
+        the main thread, and only over a handler that is a Python callable (the server's)."""
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        installed: dict[int, tuple[object, object]] = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(sig)
+            if not callable(previous):
+                continue
+
+            def handler(signum: int, frame: object, previous: Callable = previous) -> None:
+                # A signal handler must not take locks the interrupted code may hold: hand over.
+                threading.Thread(target=self.begin_shutdown, name="refine-tta-shutdown", daemon=True).start()
+                previous(signum, frame)
+
+            signal.signal(sig, handler)
+            installed[sig] = (handler, previous)
+
+        def undo() -> None:
+            for sig, (handler, previous) in installed.items():
+                if signal.getsignal(sig) is handler:
+                    signal.signal(sig, previous)
+
+        return undo
+
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        from refine_tta.engine import StateDirLock, StateDirLocked
+
+        try:
+            self.lock = StateDirLock.acquire(self.settings.state_dir)
+        except StateDirLocked as exc:
+            log.error("refusing to start: %s", exc)
+            raise
+        unwatch = self._watch_signals()
         loading = asyncio.create_task(asyncio.to_thread(self.start_engine))
         try:
             yield
         finally:
-            self._closing = True
+            self.begin_shutdown()
             await loading  # a thread cannot be interrupted; loading ends on its own
             engine, self.engine = self.engine, None
             if engine is not None:
                 await asyncio.to_thread(engine.stop)
+            self.lock.release()
+            unwatch()

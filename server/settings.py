@@ -57,6 +57,11 @@ class ServerSettings(BaseSettings):
 
     session_memory_bytes: int | None = Field(2 * 2**30, ge=0, description="tensors kept in memory; None = no limit")
     session_disk_bytes: int | None = Field(50 * 2**30, ge=0, description="session files on disk; None = no limit")
+    prune_sessions_at_start: bool = Field(False, description="delete least recently used sessions when the disk "
+                                                             "budget is exceeded at start (default: keep them and "
+                                                             "refuse new sessions)")
+    shutdown_grace_s: float = Field(10.0, ge=0, le=3600, description="at SIGTERM, how long a running job may "
+                                                                    "finish before it is cancelled (503)")
 
     refine_preset: str = Field("embedded", description="named RefineConfig overrides (refine_tta.refine.config.PRESETS)")
     refine_defaults: dict[str, Any] = Field(default_factory=dict,

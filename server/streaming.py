@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 
@@ -20,6 +21,7 @@ from refine_tta.engine import Cancelled, JobHandle
 _DONE = object()
 PING_SECONDS = 15.0  # keep-alive comments on idle streams (an adaptation step can take long)
 DISCONNECT_POLL_SECONDS = 0.25
+SHUTDOWN_STREAM_WAIT_S = 3600.0  # the ASGI server's graceful-shutdown timeout is the real bound
 
 
 class EventBridge:
@@ -79,5 +81,8 @@ def sse(events: AsyncIterator[dict], handle: JobHandle) -> EventSourceResponse:
         finally:
             handle.cancel()
 
+    # At server shutdown the stream is not cut: it runs until the job ends, which the engine
+    # bounds (grace period, then 503), so it always closes with its done or error event.
     return EventSourceResponse(guarded(), ping=PING_SECONDS, sep="\n",
-                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                               headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+                               shutdown_event=anyio.Event(), shutdown_grace_period=SHUTDOWN_STREAM_WAIT_S)

@@ -65,17 +65,20 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m server serve`` on a free port; ``url``; stop() sends SIGTERM (then SIGKILL)."""
+    """``python -m server serve`` on a free port; ``url``; stop() sends SIGTERM (then SIGKILL).
+    ``launcher``: what runs instead of ``-m server`` (e.g. a script that injects a fault)."""
 
     def __init__(self, model: Path, state_dir: Path, *extra: str, env: dict[str, str] | None = None,
-                 log_path: Path | None = None):
+                 log_path: Path | None = None, launcher: tuple[str, ...] = ("-m", "server")):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         base = {k: v for k, v in os.environ.items() if not k.startswith("REFINE_TTA_")}
-        env = {**base, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1", **(env or {})}
+        path = os.pathsep.join(p for p in (str(REPO), base.get("PYTHONPATH", "")) if p)  # this checkout first
+        env = {**base, "OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONUNBUFFERED": "1",
+               "PYTHONPATH": path, **(env or {})}
         self.log_path = log_path or state_dir.parent / f"server-{self.port}.log"
         self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "server", "serve", "--model", str(model), "--port", str(self.port),
+        cmd = [sys.executable, *launcher, "serve", "--model", str(model), "--port", str(self.port),
                "--state-dir", str(state_dir), "--device", "cpu", "--log-level", "info", *extra]
         self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 

@@ -19,6 +19,7 @@ from refine_tta.engine import (
     NotFound,
     QueueFull,
     SessionStore,
+    Unavailable,
 )
 from refine_tta.model import SamplingConfig, generate, load_model
 from refine_tta.model.loading import weights_hash
@@ -36,7 +37,7 @@ def loaded(tmp_path_factory):
 
 @pytest.fixture()
 def engine(loaded, tmp_path):
-    store = SessionStore(tmp_path / "state", loaded.fingerprint.to_dict())
+    store = SessionStore.open(tmp_path / "state", loaded.fingerprint)
     limits = EngineLimits(max_document_tokens=400, max_prompt_tokens=32, max_new_tokens=64, max_steps=8,
                           queue_size=2)
     with Engine(loaded, store, limits) as eng:
@@ -189,15 +190,78 @@ def test_cancelling_a_running_generation(engine):
     assert engine.metrics().generations_total == 1
 
 
-def test_stop_cancels_queued_work(loaded, tmp_path):
-    store = SessionStore(tmp_path, loaded.fingerprint.to_dict())
+def test_stop_ends_queued_and_running_work_as_unavailable(loaded, tmp_path):
+    store = SessionStore.open(tmp_path, loaded.fingerprint)
     eng = Engine(loaded, store, EngineLimits(queue_size=4)).start()
     blocker = BlockingJob()
     first = eng.submit(blocker)
     assert blocker.started.wait(10)
     queued = eng.submit_generate(None, "a", SAMPLING, None)
     eng.stop(timeout=10)
-    with pytest.raises(Cancelled):
-        first.result(5)
-    with pytest.raises(Cancelled):
-        queued.result(5)
+    for handle in (first, queued):
+        with pytest.raises(Unavailable, match="shutting down") as info:
+            handle.result(5)
+        assert info.value.retry_after > 0
+    with pytest.raises(Unavailable):
+        eng.submit_generate(None, "a", SAMPLING, None)
+
+
+class StuckJob:
+    """A job that ignores cancellation until ``release`` (one very long step)."""
+
+    kind = "stuck"
+
+    def __init__(self) -> None:
+        import threading
+
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def run(self, engine, handle) -> str:
+        self.started.set()
+        self.release.wait(30)
+        return "late"
+
+
+def test_shutdown_grace_period(loaded, tmp_path):
+    """Queued jobs end at once; the running job may finish within the grace period; after it the
+    running job is cancelled; one that does not notice is answered after cancel_wait_s anyway."""
+    store = SessionStore.open(tmp_path, loaded.fingerprint)
+    eng = Engine(loaded, store, EngineLimits(queue_size=4)).start()
+    quick = BlockingJob()
+    running = eng.submit(quick)
+    assert quick.started.wait(10)
+    queued = eng.submit_generate(None, "a", SAMPLING, None)
+    eng.begin_shutdown(grace_s=5.0, retry_after=7.0)
+    with pytest.raises(Unavailable, match="shutting down") as info:
+        queued.result(1)
+    assert info.value.retry_after == 7.0 and not running.future.done()
+    with pytest.raises(Unavailable):
+        eng.submit_generate(None, "a", SAMPLING, None)
+    quick.release.set()  # finishes within the grace period: its result stands
+    assert running.result(5) == "released"
+    eng.stop(timeout=10)
+
+    eng = Engine(loaded, SessionStore.open(tmp_path / "b", loaded.fingerprint)).start()
+    slow = BlockingJob()
+    running = eng.submit(slow)
+    assert slow.started.wait(10)
+    t0 = time.monotonic()
+    eng.begin_shutdown(grace_s=0.5)
+    with pytest.raises(Unavailable, match="shutting down"):
+        running.result(10)  # cancelled after the grace period, as a 503
+    assert 0.4 < time.monotonic() - t0 < 5
+    eng.stop(timeout=10)
+
+    eng = Engine(loaded, SessionStore.open(tmp_path / "c", loaded.fingerprint)).start()
+    eng.cancel_wait_s = 0.5
+    stuck = StuckJob()
+    running = eng.submit(stuck)
+    assert stuck.started.wait(10)
+    t0 = time.monotonic()
+    eng.begin_shutdown(grace_s=0.2)
+    with pytest.raises(Unavailable):
+        running.result(10)
+    assert time.monotonic() - t0 < 5 and not stuck.release.is_set()
+    stuck.release.set()
+    eng.stop(timeout=10)
+    assert eng.metrics().cancelled_total == 1  # counted once, though the worker finished it later

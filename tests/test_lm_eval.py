@@ -136,7 +136,7 @@ def test_lm_eval_local_completions(tiny, tmp_path):
         server.stop()
 
     loaded = load_model(tiny, device="cpu")
-    store = SessionStore(state_dir, loaded.fingerprint.to_dict())
+    store = SessionStore.open(state_dir, loaded.fingerprint)
     worst = 0.0
     for model, (out, add_bos) in runs.items():
         if model == base:
@@ -154,4 +154,5 @@ def test_lm_eval_local_completions(tiny, tmp_path):
             worst = max(worst, abs(theirs - ours))
         generated = samples(out, "refine_tta_generate")
         assert len(generated) == 4 and all(isinstance(row["resps"][0][0], str) for row in generated)
+    store.close()
     print(f"loglikelihood: lm-eval vs a direct forward pass, largest difference {worst:.2e} over 12 requests")

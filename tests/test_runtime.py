@@ -6,8 +6,6 @@ The reference for every state operation is a single pass over the whole token se
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,13 +13,13 @@ import torch.nn.functional as F
 from refine_tta.model import (
     DocumentState,
     SamplingConfig,
-    StateMismatchError,
     fingerprint_model,
     generate,
     prepare_model,
     read,
     read_document,
 )
+from refine_tta.engine.storage import SessionRecord, SessionRefused, SessionStorage, StoredPart, new_session_id
 from refine_tta.model.loading import register_fla_models
 
 VOCAB = 128
@@ -163,18 +161,22 @@ def test_stack_and_select(model, doc_state):
 
 @torch.no_grad()
 def test_save_load_round_trip_is_bit_exact(model, doc_state, tmp_path):
+    """state_dict -> session storage (a real file, checksummed) -> from_state_dict: the same tensors
+    and the same logits for a continuation."""
     state, cont, expected = doc_state
-    fp = fingerprint_model(model).to_dict()
-    path = tmp_path / "doc.state"
-    nbytes = state.save(path, fp, extra={"doc_id": "d1"})
-    assert nbytes == path.stat().st_size > state.nbytes
-    assert sorted(os.listdir(tmp_path)) == ["doc.state"], "no temp file left behind"
-    loaded = DocumentState.load(path, fp)
+    storage = SessionStorage(tmp_path, fingerprint_model(model))
+    sid = new_session_id()
+    storage.write(SessionRecord(sid, {}, {"state": StoredPart(state.state_dict(), {"n_tokens": state.n_tokens})}))
+    _, parts = storage.read(sid)
+    loaded = DocumentState.from_state_dict(parts["state"].tensors, parts["state"].description["n_tokens"])
     assert loaded.n_tokens == state.n_tokens and len(loaded.layers) == len(state.layers)
-    for a, b in zip(loaded.tensors(), state.tensors()):
+    for a, b in zip(loaded.tensors(), state.tensors(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b)
     assert torch.equal(read(model, cont, loaded).logits, expected)
     assert torch.equal(loaded.next_logits, state.next_logits)
+    with pytest.raises(ValueError, match="not a document state"):
+        DocumentState.from_state_dict({**parts["state"].tensors, "w": torch.zeros(1)}, 1)
+    storage.close()
 
 
 # --- a read never modifies its input state ----------------------------------------------------------
@@ -237,79 +239,33 @@ def test_gradients_flow_through_state(model):
     assert sum(differs) > len(params) // 2
 
 
-# --- persistence errors -----------------------------------------------------------------------------
+# --- persistence: the model fingerprint ----------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def saved_state(tmp_path_factory):
-    """A state of model A saved with A's fingerprint, and the fingerprints of A, A' (other weights)
-    and G (another architecture)."""
+def test_sessions_of_another_model_are_refused_naming_the_fields(tmp_path):
+    """One fingerprint check (ModelFingerprint.mismatch) decides; the error names what differs."""
     a = build("delta_net", seed=0)
-    other_weights = build("delta_net", seed=1)
-    other_arch = build("gated_deltanet", seed=0)
-    path = tmp_path_factory.mktemp("states") / "a.state"
+    fps = {"a": fingerprint_model(a), "other_weights": fingerprint_model(build("delta_net", seed=1)),
+           "other_arch": fingerprint_model(build("gated_deltanet", seed=0))}
+    storage = SessionStorage(tmp_path, fps["a"])
+    sid = new_session_id()
     with torch.no_grad():
-        read(a, tokens(20, seed=30)).state.save(path, fingerprint_model(a).to_dict())
-    fps = {name: fingerprint_model(m).to_dict() for name, m in
-           [("a", a), ("other_weights", other_weights), ("other_arch", other_arch)]}
-    return path, fps
-
-
-def test_load_with_another_models_fingerprint_names_the_fields(saved_state):
-    path, fps = saved_state
-    assert DocumentState.load(path, fps["a"]).n_tokens == 20
-    with pytest.raises(StateMismatchError, match="weights_hash") as info:
-        DocumentState.load(path, fps["other_weights"])
+        state = read(a, tokens(20, seed=30)).state
+    storage.write(SessionRecord(sid, {}, {"state": StoredPart(state.state_dict(), {"n_tokens": 20})}))
+    storage.close()
+    same = SessionStorage(tmp_path, fps["a"])
+    assert same.read(sid)[1]["state"].description == {"n_tokens": 20}
+    same.close()
+    other = SessionStorage(tmp_path, fps["other_weights"])
+    with pytest.raises(SessionRefused, match="weights_hash") as info:
+        other.read(sid)
     assert "config_hash" not in str(info.value) and "architecture" not in str(info.value)
-    with pytest.raises(StateMismatchError) as info:
-        DocumentState.load(path, fps["other_arch"])
+    other.close()
+    other = SessionStorage(tmp_path, fps["other_arch"])
+    with pytest.raises(SessionRefused) as info:
+        other.read(sid)
     for field in ("architecture", "config_hash", "weights_hash"):
         assert field in str(info.value)
-    assert "gated_deltanet" in str(info.value)
-
-
-@pytest.mark.parametrize("keep", [0.5, 0.99, 40, 3], ids=["half", "minus-1pc", "40-bytes", "3-bytes"])
-def test_load_truncated_file_is_a_mismatch(saved_state, tmp_path, keep):
-    path, fps = saved_state
-    data = path.read_bytes()
-    n = int(len(data) * keep) if isinstance(keep, float) else keep
-    bad = tmp_path / "bad.state"
-    bad.write_bytes(data[:n])
-    with pytest.raises(StateMismatchError, match="not a readable state file"):
-        DocumentState.load(bad, fps["a"])
-
-
-def test_load_garbage_or_foreign_file_is_a_mismatch(tmp_path):
-    garbage = tmp_path / "garbage.state"
-    garbage.write_bytes(os.urandom(4096))
-    with pytest.raises(StateMismatchError):
-        DocumentState.load(garbage, None)
-    from safetensors.torch import save_file
-
-    foreign = tmp_path / "weights.safetensors"
-    save_file({"w": torch.zeros(3)}, str(foreign))
-    with pytest.raises(StateMismatchError, match="format"):
-        DocumentState.load(foreign, None)
-    with pytest.raises(StateMismatchError):
-        DocumentState.load(tmp_path / "missing.state", None)
-
-
-def test_failed_save_leaves_old_file_and_no_temp(saved_state, tmp_path, monkeypatch):
-    import refine_tta.model.state as state_module
-
-    path, fps = saved_state
-    target = tmp_path / "s.state"
-    target.write_bytes(path.read_bytes())
-
-    def broken_save_file(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(state_module, "save_file", broken_save_file)
-    with pytest.raises(OSError, match="disk full"):
-        DocumentState.load(target, fps["a"]).save(target, fps["a"])
-    assert sorted(os.listdir(tmp_path)) == ["s.state"]
-    assert target.read_bytes() == path.read_bytes()
+    assert (tmp_path / sid).is_dir()  # refused, never removed
 
 
 # --- generation -----------------------------------------------------------------------------------

@@ -502,13 +502,27 @@ def test_restart_keeps_acknowledged_sessions(tiny, tmp_path, doc):
                 for s in (0, 1)]
         answers = [c.post("/v1/generate", json={**req, "session_id": s}).json()["tokens"] for s in sids]
         listed = c.get("/v1/sessions").json()
-    (state / ("sess_" + "f" * 32)).mkdir()  # a crash mid-write: no meta.json
+    (state / ("sess_" + "f" * 32)).mkdir()  # not published by the storage (no meta.json): set aside
     with app_client(tiny, state, refine_defaults=DEFAULTS) as c:
         again = c.get("/v1/sessions").json()
         assert [s["session_id"] for s in again["sessions"]] == [s["session_id"] for s in listed["sessions"]]
         assert [s["stats"] for s in again["sessions"]] == [s["stats"] for s in listed["sessions"]]
         assert [c.post("/v1/generate", json={**req, "session_id": s}).json()["tokens"] for s in sids] == answers
-    assert not (state / ("sess_" + "f" * 32)).exists()
+    assert not (state / ("sess_" + "f" * 32)).exists() and (state / "quarantine").is_dir()
+
+
+def test_lowered_disk_budget_refuses_new_sessions_and_deletes_none(tiny, tmp_path, doc):
+    state = tmp_path / "state"
+    with app_client(tiny, state, refine_defaults=DEFAULTS) as c:
+        sid = c.post("/v1/adapt", json={"document": doc}).json()["session_id"]
+    with app_client(tiny, state, refine_defaults=DEFAULTS, session_disk_bytes=1000) as c:
+        r = c.post("/v1/adapt", json={"document": doc})
+        assert r.status_code == 507 and r.json()["error"]["type"] == "storage_full"
+        assert "session_disk_bytes=1000" in r.json()["error"]["message"] and "x-request-id" in r.headers
+        assert [s["session_id"] for s in c.get("/v1/sessions").json()["sessions"]] == [sid]
+        assert c.post("/v1/generate", json={"session_id": sid, "prompt": " The", "max_tokens": 2}).status_code == 200
+        assert c.delete(f"/v1/sessions/{sid}").status_code == 200
+        assert c.post("/v1/adapt", json={"document": doc}).status_code == 200  # room again
 
 
 def test_metrics(client, session_id):
@@ -567,7 +581,7 @@ def test_real_server_matches_the_engine(server, tiny, doc):
         sid = http.post("/v1/adapt", json={"document": doc, "settings": settings}).json()["session_id"]
         over_http = http.post("/v1/generate", json={"session_id": sid, "prompt": " The keeper", **sampling}).json()
     loaded = load_model(tiny, device="cpu")
-    with Engine(loaded, SessionStore(tiny.parent / "direct-state", loaded.fingerprint.to_dict())) as engine:
+    with Engine(loaded, SessionStore.open(tiny.parent / "direct-state", loaded.fingerprint)) as engine:
         session = engine.submit_adapt(doc, RefineConfig.from_dict({**preset("embedded"), **DEFAULTS, **settings}), None).result(120)
         direct = engine.submit_generate(session.id, " The keeper", SamplingConfig(
             max_new_tokens=16, temperature=0.9, top_p=0.95, seed=13), None).result(60)

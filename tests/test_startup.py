@@ -126,7 +126,7 @@ def test_every_setting_has_an_option_that_reaches_the_settings(tmp_path):
             "--max-rollout-tokens", "99", "--max-lora-rank", "4", "--retry-after-s", "2",
             "--session-memory-bytes", "none", "--session-disk-bytes", "1000", "--refine-preset", "library",
             "--refine-defaults", '{"steps": 2, "scope": "lora"}', "--log-level", "debug", "--threads", "3",
-            "--metrics-key", "ops", "--docs"]
+            "--prune-sessions-at-start", "--shutdown-grace-s", "4.5", "--metrics-key", "ops", "--docs"]
     args = build_parser().parse_args(argv)
     settings = ServerSettings(**_overrides(args, list(ServerSettings.model_fields)))
     assert settings.model_dump() == {
@@ -135,7 +135,8 @@ def test_every_setting_has_an_option_that_reaches_the_settings(tmp_path):
         "max_document_tokens": 100, "max_prompt_tokens": 10, "max_new_tokens": 5, "max_steps": 7, "queue_size": 3,
         "max_rollout_tokens": 99, "max_lora_rank": 4, "retry_after_s": 2, "session_memory_bytes": None,
         "session_disk_bytes": 1000, "refine_preset": "library", "refine_defaults": {"steps": 2, "scope": "lora"},
-        "log_level": "debug", "threads": 3, "metrics_key": "ops", "docs": True}
+        "log_level": "debug", "threads": 3, "prune_sessions_at_start": True, "shutdown_grace_s": 4.5,
+        "metrics_key": "ops", "docs": True}
 
 
 # --------------------------------------------------------------------------------- thread policy
@@ -203,9 +204,10 @@ def test_unowned_sessions_under_key_auth_are_logged_and_can_be_adopted(tiny, tmp
     from server.middleware import owner_of
 
     state = tmp_path / "state"
-    fingerprint = load_model(tiny, device="cpu", load_tokenizer=False).fingerprint.to_dict()
-    store = SessionStore(state, fingerprint)
+    fingerprint = load_model(tiny, device="cpu", load_tokenizer=False).fingerprint
+    store = SessionStore.open(state, fingerprint)
     ids = [store.put(make_session(i)).id for i in range(2)]
+    store.close()  # releases the state directory's lock for the server
     with caplog.at_level(logging.INFO), app_client(tiny, state, api_keys=["k1"]) as c:
         headers = {"authorization": "Bearer k1"}
         assert c.get("/v1/sessions", headers=headers).json() == {"sessions": []}
@@ -220,5 +222,5 @@ def test_unowned_sessions_under_key_auth_are_logged_and_can_be_adopted(tiny, tmp
     assert main(["sessions", "adopt", ids[0], *common]) == 2  # adopt needs --api-key
     assert main(["sessions", "adopt", ids[0], *common, "--api-key", "k1"]) == 0
     assert main(["sessions", "delete", *common]) == 0  # the remaining unowned one
-    reopened = SessionStore(state, fingerprint)
+    reopened = SessionStore.open(state, fingerprint)
     assert [s.id for s in reopened.list(owner_of("k1"))] == [ids[0]] and reopened.list(None) == []

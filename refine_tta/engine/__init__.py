@@ -23,12 +23,25 @@ from refine_tta.engine.errors import (
     QueueFull,
     Unavailable,
 )
-from refine_tta.engine.sessions import Session, SessionStore, is_session_id, new_session_id
+from refine_tta.engine.sessions import Session, SessionStore
+from refine_tta.engine.storage import (
+    LockMode,
+    SessionDamaged,
+    SessionRefused,
+    SessionStorage,
+    StateDirLock,
+    StateDirLocked,
+    StorageFull,
+    is_session_id,
+    new_session_id,
+)
 from refine_tta.model.generation import GenerationResult, SamplingConfig
 from refine_tta.refine.config import RefineConfig
 
 __all__ = [
-    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics", "GenerateJob", "GenerationResult",
-    "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "NotFound", "QueueFull", "RefineConfig", "SamplingConfig", "ScoreJob", "Session", "SessionStore",
-    "TokenScores", "Unavailable", "is_session_id", "jsonable", "new_session_id",
+    "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics",
+    "GenerateJob", "GenerationResult", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LockMode", "NotFound",
+    "QueueFull", "RefineConfig", "SamplingConfig", "ScoreJob", "Session", "SessionDamaged", "SessionRefused",
+    "SessionStorage", "SessionStore", "StateDirLock", "StateDirLocked", "StorageFull", "TokenScores", "Unavailable",
+    "is_session_id", "jsonable", "new_session_id",
 ]

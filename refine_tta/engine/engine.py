@@ -98,16 +98,39 @@ class EngineMetrics:
 
 
 class JobHandle:
-    """A submitted job: its ``future`` and a cancel flag. ``cancel()`` is safe from any thread."""
+    """A submitted job: its ``future`` and a cancel flag. ``cancel()`` is safe from any thread.
+
+    ``cancel(reason)`` with an :class:`EngineError` makes the job end with that error instead of
+    :class:`Cancelled` (the engine's shutdown uses :class:`Unavailable`: 503, retry-safe).
+    """
 
     def __init__(self, job: Job):
         self.job = job
         self.future: Future = Future()
         self._cancel = threading.Event()
+        self._lock = threading.Lock()
+        self._committed = False
+        self.reason: EngineError | None = None
 
-    def cancel(self) -> None:
-        """Ask the worker to drop the job (if queued) or stop it at its next check (if running)."""
-        self._cancel.set()
+    def cancel(self, reason: EngineError | None = None) -> bool:
+        """Ask the worker to drop the job (if queued) or stop it at its next check (if running).
+        False (and nothing changes) once the job has committed its result (:meth:`commit`)."""
+        with self._lock:
+            if self._committed:
+                return False
+            if reason is not None and not self._cancel.is_set():
+                self.reason = reason
+            self._cancel.set()
+            return True
+
+    def commit(self) -> bool:
+        """Called by a job just before an effect that cannot be undone (storing a session): True
+        if it may go ahead (from then on it cannot be cancelled), False if it was cancelled."""
+        with self._lock:
+            if self._cancel.is_set():
+                return False
+            self._committed = True
+            return True
 
     @property
     def cancelled(self) -> bool:
@@ -243,8 +266,10 @@ class Engine:
     """Owns ``loaded`` (the model) and the session store; runs all model work on one thread.
 
     adapt_fn: the adaptation loop (default :func:`refine_tta.refine.loop.adapt`).
-    retry_after: seconds suggested to callers when the queue is full.
+    retry_after: seconds suggested to callers when the queue is full (and at shutdown).
     """
+
+    cancel_wait_s = 2.0  # at shutdown, how long a cancelled running job gets to notice before its client is answered
 
     def __init__(
         self,
@@ -266,6 +291,8 @@ class Engine:
         self._inflight: set[JobHandle] = set()
         self._running: JobHandle | None = None
         self._accepting = False
+        self._shutdown_at: float | None = None
+        self._unavailable = Unavailable("the engine is stopped")
         self._thread: threading.Thread | None = None
         self._counters = {"adaptations_total": 0, "adaptation_steps_total": 0, "adaptation_seconds_total": 0.0,
                           "generations_total": 0, "generated_tokens_total": 0, "generation_seconds_total": 0.0,
@@ -281,26 +308,74 @@ class Engine:
         log.debug("engine started: model %s on %s, limits %s", self.loaded.name, self.loaded.device, self.limits)
         return self
 
-    def stop(self, timeout: float | None = 30.0) -> None:
-        """Refuse new jobs, cancel queued and running ones, and join the worker."""
+    def begin_shutdown(self, grace_s: float, retry_after: float | None = None) -> None:
+        """Stop accepting; end queued jobs now and the running one after ``grace_s`` seconds (if it
+        has not finished by then), each with :class:`Unavailable` (HTTP 503, Retry-After, retry-safe:
+        nothing of the job was applied). Returns at once; :meth:`stop` joins the worker."""
+        retry_after = self.retry_after if retry_after is None else retry_after
         with self._lock:
+            if self._shutdown_at is not None:
+                return
+            self._shutdown_at = time.monotonic() + grace_s
             self._accepting = False
-            for handle in self._inflight:
-                handle.cancel()
-        if self._thread is None:
-            return
-        while True:  # make room for the sentinel; the drained jobs end as Cancelled
+            self._unavailable = Unavailable("the server is shutting down; nothing of this request was applied; "
+                                            "retry it on a running server", retry_after=retry_after)
+            running = self._running
+        self._drain_queue()
+        log.info("engine shutting down: queue drained, %s", "no job running" if running is None else
+                 f"the running {running.job.kind} job has {grace_s:g} s to finish")
+        if running is not None:
+            threading.Thread(target=self._end_after_grace, args=(running, grace_s), name="refine-tta-grace",
+                             daemon=True).start()
+
+    def _drain_queue(self) -> None:
+        """End every queued job with the shutdown error (the worker would drop them anyway)."""
+        pending = []
+        while True:
             try:
                 handle = self._queue.get_nowait()
             except queue.Empty:
                 break
             if handle is not None:
-                self._finish(handle, exc=Cancelled("the server is shutting down"))
-        self._queue.put(None)
-        self._thread.join(timeout)
-        if self._thread.is_alive():
-            log.warning("engine worker did not stop within %s s", timeout)
-        self._thread = None
+                pending.append(handle)
+        for handle in pending:
+            handle.cancel(self._unavailable)
+            self._finish(handle, exc=self._unavailable)
+
+    def _end_after_grace(self, handle: JobHandle, grace_s: float) -> None:
+        try:
+            handle.future.result(timeout=grace_s)
+            return
+        except Exception:  # finished with an error, or still running after the grace period
+            if handle.future.done():
+                return
+        if not handle.cancel(self._unavailable):
+            return  # it is storing its result: let it finish
+        log.warning("engine shutting down: cancelling the running %s job after the %g s grace period",
+                    handle.job.kind, grace_s)
+        try:
+            handle.future.result(timeout=self.cancel_wait_s)
+        except Exception:
+            if not handle.future.done():  # stuck inside one step: answer now; its result is dropped
+                log.warning("engine shutting down: the %s job did not stop within %g s; answering its client now",
+                            handle.job.kind, self.cancel_wait_s)
+                self._finish(handle, exc=self._unavailable)
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        """Refuse new jobs, end queued and running ones (Unavailable), join the worker, flush the
+        sessions' bookkeeping. Call :meth:`begin_shutdown` first to give the running job time."""
+        self.begin_shutdown(0.0)
+        with self._lock:
+            for handle in self._inflight:
+                handle.cancel(self._unavailable)
+        self._drain_queue()
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("engine worker did not stop within %s s", timeout)
+            self._thread = None
+        self.sessions.close()
         log.info("engine stopped")
 
     def __enter__(self) -> Engine:
@@ -325,7 +400,7 @@ class Engine:
         """Check and queue an adaptation. The future resolves to the stored :class:`Session`
         (metadata only). ``on_progress(event, data)`` hears :data:`ADAPT_STARTED` when the worker
         starts it, then :data:`ADAPT_STEP` after each step.
-        Raises LimitExceeded / InvalidSettings / QueueFull / Unavailable."""
+        Raises LimitExceeded / InvalidSettings / StorageFull / QueueFull / Unavailable."""
         limits = self.limits
         if config.steps > limits.max_steps:
             raise LimitExceeded("max_steps", config.steps, limits.max_steps, what="settings.steps")
@@ -347,6 +422,7 @@ class Engine:
             config.validate_document(len(ids))
         except ValueError as exc:
             raise InvalidSettings(str(exc)) from None
+        self.sessions.check_room()  # StorageFull before spending the device on it
         return self.submit(AdaptJob(ids, config, owner, on_progress))
 
     @property
@@ -410,6 +486,8 @@ class Engine:
         handle = JobHandle(job)
         with self._lock:
             if not self._accepting:
+                if self._shutdown_at is not None:
+                    raise self._unavailable
                 raise Unavailable("the engine is not running")
             try:
                 self._queue.put_nowait(handle)
@@ -443,25 +521,38 @@ class Engine:
                 self._finish(handle)
                 continue
             if handle.cancelled:
-                self._finish(handle, exc=Cancelled("cancelled before it started"))
+                self._finish(handle, exc=handle.reason or Cancelled("cancelled before it started"))
                 continue
             with self._lock:
-                self._running = handle
+                shutting_down = self._shutdown_at is not None  # taken off the queue as shutdown began
+                if not shutting_down:
+                    self._running = handle
+            if shutting_down:
+                handle.cancel(self._unavailable)
+                self._finish(handle, exc=self._unavailable)
+                continue
             try:
                 result = handle.job.run(self, handle)
             except Exception as exc:  # delivered to the caller through the future
                 if not isinstance(exc, EngineError):
                     log.exception("%s job failed", handle.job.kind)
+                if isinstance(exc, Cancelled) and handle.reason is not None:
+                    exc = handle.reason  # e.g. shutdown: 503, nothing applied
                 self._finish(handle, exc=exc)
             else:
                 self._finish(handle, result=result)
 
     def _finish(self, handle: JobHandle, result: Any = None, exc: BaseException | None = None) -> None:
         with self._lock:
+            if handle.future.done() and not handle.future.cancelled():  # answered already (shutdown)
+                self._inflight.discard(handle)
+                if self._running is handle:
+                    self._running = None
+                return
             self._inflight.discard(handle)
             if self._running is handle:
                 self._running = None
-            if isinstance(exc, Cancelled) or handle.future.cancelled():
+            if isinstance(exc, Cancelled) or handle.future.cancelled() or (exc is not None and exc is handle.reason):
                 self._counters["cancelled_total"] += 1
                 log.info("%s job cancelled: %s", handle.job.kind, exc or "cancelled through its future")
             elif exc is not None:
@@ -520,7 +611,7 @@ class Engine:
             raise InvalidSettings(str(exc)) from exc
         finally:
             self._count(adaptation_seconds_total=time.perf_counter() - t0)
-        if handle.cancelled:  # cancelled after the last step: do not store what nobody will see
+        if not handle.commit():  # cancelled after the last step: do not store what nobody will see
             raise Cancelled("adaptation cancelled")
         session = Session.create(job.owner, job.config.to_dict(), jsonable(result.stats), len(job.document_ids),
                                  result.state.detach(), result.delta)

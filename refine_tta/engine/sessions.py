@@ -1,34 +1,27 @@
-"""Adapted documents kept as sessions: an in-memory LRU over a directory of complete session files.
+"""Adapted documents kept as sessions: an in-memory LRU over the session storage.
 
-Layout on disk, one directory per session::
-
-    <dir>/sess_<32 hex>/state.safetensors   DocumentState (fast-weight memory after the document)
-    <dir>/sess_<32 hex>/delta.safetensors   ParameterDelta (adapted parameters over the base model)
-    <dir>/sess_<32 hex>/meta.json           written LAST: marks the session complete
-
-Each file is written to a temporary name, fsynced and renamed, and ``meta.json`` (which records
-the model fingerprint and the exact size of both tensor files) only after both tensor files are
-in place. A directory without ``meta.json``, or whose tensor files do not have the recorded sizes,
-was never acknowledged: it is removed when the store starts. Sessions made with another model (a
-different fingerprint) are refused (logged, kept on disk, never served).
+The on-disk format (atomic publication, checksums, quarantine, the state-directory lock) belongs to
+:mod:`refine_tta.engine.storage`; this module turns a :class:`Session`'s :class:`DocumentState` and
+:class:`ParameterDelta` into plain tensors for it and back, and keeps the index and the budgets.
 
 Memory holds the tensors of recently used sessions within a byte budget (least recently used are
-dropped first; their disk copy stays and is loaded again on the next use). The disk has its own
-byte budget: beyond it the least recently used sessions are deleted (logged).
+dropped first; their disk copy stays and is loaded, checksum-verified, on the next use). The disk
+has its own byte budget: a new session that takes the store over it deletes the least recently used
+others (logged). A store found over its budget at start (the budget was lowered) deletes nothing:
+it logs and refuses new sessions (:class:`StorageFull`) until enough are deleted, unless
+``prune_at_start`` says to delete the least recently used ones.
 
-Thread safety: every public method may be called from any thread. Tensor files are read and
-written outside the lock; the index and the LRU are changed under it.
+``last_used`` lives in memory and is written to a small per-session file at most every
+``last_used_flush_s`` seconds and on :meth:`SessionStore.close`, never by rewriting the metadata.
+
+Thread safety: every public method may be called from any thread. Files are read and written
+outside the lock; the index and the LRU are changed under it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
-import re
-import secrets
-import shutil
 import threading
 import time
 from collections import OrderedDict
@@ -40,26 +33,24 @@ from typing import Any
 import torch
 
 from refine_tta.engine.errors import NotFound
-from refine_tta.model.state import DocumentState, StateMismatchError, read_state_header
+from refine_tta.engine.storage import (
+    IndexEntry,
+    SessionDamaged,
+    SessionRecord,
+    SessionRefused,
+    SessionStorage,
+    StorageFull,
+    StoredPart,
+    is_session_id,
+    new_session_id,
+)
+from refine_tta.model.loading import ModelFingerprint
+from refine_tta.model.state import DocumentState
 from refine_tta.refine.delta import ParameterDelta
 
 log = logging.getLogger(__name__)
 
-SESSION_FORMAT = "refine-tta-session/1"
-STATE_FILE = "state.safetensors"
-DELTA_FILE = "delta.safetensors"
-META_FILE = "meta.json"
-_ID_RE = re.compile(r"^sess_[0-9a-f]{32}$")
-
-
-def new_session_id() -> str:
-    """``sess_`` + 128 random bits in hex (unguessable: the id is the handle to a user's document)."""
-    return "sess_" + secrets.token_hex(16)
-
-
-def is_session_id(value: str) -> bool:
-    """True for a well-formed session id (anything else can never name a session directory)."""
-    return isinstance(value, str) and _ID_RE.fullmatch(value) is not None
+__all__ = ["Session", "SessionStore", "from_parts", "is_session_id", "new_session_id", "to_parts"]
 
 
 @dataclass
@@ -104,124 +95,119 @@ class Session:
         return dataclasses.replace(self, state=None, delta=None)
 
     def meta(self) -> dict[str, Any]:
-        """The JSON-able metadata (no tensors)."""
-        return {"session_id": self.id, "owner": self.owner, "created": self.created, "last_used": self.last_used,
-                "document_tokens": self.document_tokens, "state_bytes": self.state_bytes,
-                "delta_bytes": self.delta_bytes, "settings": self.settings, "stats": self.stats}
+        """The JSON-able metadata stored with the tensors (no tensors, no last_used)."""
+        return {"owner": self.owner, "created": self.created, "document_tokens": self.document_tokens,
+                "state_bytes": self.state_bytes, "delta_bytes": self.delta_bytes, "settings": self.settings,
+                "stats": self.stats}
+
+    @classmethod
+    def from_entry(cls, entry: IndexEntry) -> Session:
+        """The session described by stored metadata (KeyError/TypeError/ValueError if garbled)."""
+        m = entry.meta
+        owner = m["owner"]
+        if owner is not None and not isinstance(owner, str):
+            raise TypeError(f"owner is a {type(owner).__name__}")
+        return cls(entry.session_id, owner, float(m["created"]), float(entry.last_used), dict(m["settings"]),
+                   dict(m["stats"]), int(m["document_tokens"]), int(m["state_bytes"]), int(m["delta_bytes"]),
+                   disk_bytes=entry.disk_bytes)
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported on this platform / filesystem
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+STATE_PART, DELTA_PART = "state", "delta"
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    """Write ``data`` to a temporary file, fsync it, rename it over ``path``, fsync the directory."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def to_parts(state: DocumentState, delta: ParameterDelta) -> dict[str, StoredPart]:
+    """A session's tensors as storage parts: plain tensors plus JSON-able descriptions."""
+    return {STATE_PART: StoredPart(state.state_dict(), {"n_tokens": state.n_tokens}),
+            DELTA_PART: StoredPart(dict(delta.tensors), {"kind": delta.kind, "scale": float(delta.scale)})}
+
+
+def from_parts(parts: dict[str, StoredPart], device: torch.device) -> tuple[DocumentState, ParameterDelta]:
+    """Inverse of :func:`to_parts`, tensors moved to ``device`` (KeyError/ValueError if malformed)."""
+    state_part, delta_part = parts[STATE_PART], parts[DELTA_PART]
+    state = DocumentState.from_state_dict(state_part.tensors, int(state_part.description["n_tokens"])).to(device)
+    delta = ParameterDelta(str(delta_part.description["kind"]),
+                           {k: v.to(device) for k, v in delta_part.tensors.items()
+                            if k != "__empty__"},  # format 1's marker in a delta without tensors
+                           float(delta_part.description["scale"]))
+    return state, delta
 
 
 class SessionStore:
-    """Sessions of one base model (identified by ``fingerprint``) in ``directory``.
+    """Sessions of one base model in one :class:`SessionStorage` (its directory and lock).
 
     memory_budget_bytes / disk_budget_bytes: None = unlimited. The session just stored or used is
     always kept, even alone over a budget. ``device``: where loaded tensors are put.
+    prune_at_start: delete least recently used sessions when the disk budget is exceeded at start
+    (default: keep them, log, and refuse new sessions while over budget).
     """
 
     def __init__(
         self,
-        directory: str | Path,
-        fingerprint: dict[str, str],
+        storage: SessionStorage,
         *,
         memory_budget_bytes: int | None = None,
         disk_budget_bytes: int | None = None,
+        prune_at_start: bool = False,
         device: str | torch.device = "cpu",
         clock: Callable[[], float] = time.time,
+        last_used_flush_s: float = 60.0,
     ):
-        self.directory = Path(directory)
-        self.fingerprint = dict(fingerprint)
+        self.storage = storage
         self.memory_budget_bytes = memory_budget_bytes
         self.disk_budget_bytes = disk_budget_bytes
         self.device = torch.device(device)
+        self.last_used_flush_s = last_used_flush_s
         self._clock = clock
         self._lock = threading.RLock()
         self._index: dict[str, Session] = {}  # every servable session, tensors stripped
         self._loaded: OrderedDict[str, tuple[DocumentState, ParameterDelta]] = OrderedDict()  # LRU, oldest first
-        self.refused: dict[str, tuple[str | None, str]] = {}  # id -> (owner, why), sessions of another model
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._scan()
+        self._unflushed: dict[str, float] = {}  # id -> last_used not yet written
+        self._last_flush = clock()
+        self.refused: dict[str, tuple[str | None, str]] = {}  # id -> (owner, why): another model or format
+        self.quarantined: dict[str, tuple[str | None, str]] = {}  # id -> (owner, why)
+        self._scan(prune_at_start)
+
+    @classmethod
+    def open(cls, directory: str | Path, fingerprint: ModelFingerprint, **options: Any) -> SessionStore:
+        """A store on ``directory``, locked exclusively by this process (scripts and tests)."""
+        return cls(SessionStorage(directory, fingerprint), **options)
+
+    @property
+    def directory(self) -> Path:
+        return self.storage.directory
 
     # ------------------------------------------------------------------------------- start-up scan
-    def _scan(self) -> None:
-        removed = 0
-        for entry in sorted(self.directory.iterdir()):
-            if not entry.is_dir() or not is_session_id(entry.name):
-                if not entry.name.startswith("."):
-                    log.warning("session store: ignoring unexpected entry %s", entry)
-                continue
-            session = self._read_complete(entry)
-            if session is None:
-                shutil.rmtree(entry, ignore_errors=True)
-                removed += 1
-            elif session.id not in self.refused:
+    def _scan(self, prune_at_start: bool) -> None:
+        report = self.storage.scan()
+        self.refused = dict(report.refused)
+        self.quarantined = dict(report.quarantined)
+        for entry in report.sessions:
+            session = self._from_entry(entry)
+            if session is not None:
                 self._index[session.id] = session
-        log.info("session store %s: %d sessions indexed, %d incomplete removed, %d refused (other model)",
-                 self.directory, len(self._index), removed, len(self.refused))
+        log.info("session store %s: %d sessions indexed (%d bytes), %d refused (other model or format), "
+                 "%d in quarantine, %d unfinished writes removed", self.directory, len(self._index), self.disk_bytes,
+                 len(self.refused), len(self.quarantined), report.staging_removed)
         with self._lock:
-            self._enforce_disk_budget(keep=None)
+            if self.over_disk_budget:
+                if prune_at_start:
+                    self._enforce_disk_budget(keep=None)
+                else:
+                    log.warning("session store: %d bytes on disk, over the disk budget of %d bytes; nothing is "
+                                "deleted: new sessions are refused until sessions are deleted (or start with "
+                                "pruning enabled to delete the least recently used)",
+                                self.disk_bytes, self.disk_budget_bytes)
 
-    def _read_complete(self, path: Path) -> Session | None:
-        """The session in ``path`` if it is complete (None if not); records refused sessions."""
-        meta_path = path / META_FILE
-        if not meta_path.is_file():
-            log.warning("session store: %s has no %s (half-written); removing it", path.name, META_FILE)
-            return None
+    def _from_entry(self, entry: IndexEntry) -> Session | None:
+        """The session, or None after quarantining one whose session fields are garbled."""
         try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if meta.get("format") != SESSION_FORMAT or meta.get("session_id") != path.name:
-                raise ValueError(f"format {meta.get('format')!r}, id {meta.get('session_id')!r}")
-            files = {name: int(meta["files"][name]) for name in (STATE_FILE, DELTA_FILE)}
-            session = Session(path.name, meta.get("owner"), float(meta["created"]), float(meta["last_used"]),
-                              dict(meta["settings"]), dict(meta["stats"]), int(meta["document_tokens"]),
-                              int(meta["state_bytes"]), int(meta["delta_bytes"]), disk_bytes=sum(files.values()))
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("session store: %s has an unreadable %s (%s); removing it", path.name, META_FILE, exc)
+            return Session.from_entry(entry)
+        except (KeyError, TypeError, ValueError) as exc:
+            reason = f"meta.json lacks or garbles a session field ({type(exc).__name__}: {exc})"
+            owner = entry.meta.get("owner")
+            self.storage.quarantine(entry.session_id, reason)
+            self.quarantined[entry.session_id] = (owner if isinstance(owner, str) else None, reason)
             return None
-        saved_fp = meta.get("fingerprint") or {}
-        diff = [k for k in self.fingerprint if saved_fp.get(k) != self.fingerprint[k]]
-        if diff:
-            why = f"made with another model (differs in {', '.join(diff)})"
-            log.warning("session store: refusing %s: %s", path.name, why)
-            self.refused[path.name] = (session.owner, why)
-            return session
-        for name, size in files.items():
-            file = path / name
-            actual = file.stat().st_size if file.is_file() else None
-            if actual != size:
-                log.warning("session store: %s/%s has %s bytes, %d recorded (truncated); removing the session",
-                            path.name, name, actual, size)
-                return None
-        try:
-            read_state_header(path / STATE_FILE)
-        except StateMismatchError as exc:
-            log.warning("session store: %s: %s; removing the session", path.name, exc)
-            return None
-        for stray in path.glob(".*"):  # temporary files of an interrupted rewrite of meta.json
-            stray.unlink(missing_ok=True)
-        return session
 
     # ---------------------------------------------------------------------------------- accounting
     @property
@@ -233,6 +219,10 @@ class SessionStore:
     def disk_bytes(self) -> int:
         with self._lock:
             return sum(s.disk_bytes for s in self._index.values())
+
+    @property
+    def over_disk_budget(self) -> bool:
+        return self.disk_budget_bytes is not None and self.disk_bytes > self.disk_budget_bytes
 
     @property
     def loaded_count(self) -> int:
@@ -247,16 +237,53 @@ class SessionStore:
         with self._lock:
             return session_id in self._index
 
+    def check_room(self) -> None:
+        """StorageFull while the store is over its disk budget (it was found so at start)."""
+        with self._lock:
+            if self.over_disk_budget:
+                raise StorageFull(self.disk_bytes, self.disk_budget_bytes)
+
     # ------------------------------------------------------------------------------------- access
     def _lookup(self, session_id: str, owner: str | None) -> Session:
-        """The indexed session; NotFound for unknown ids and for other owners' sessions alike."""
+        """The indexed session; NotFound for unknown ids and for other owners' sessions alike
+        (SessionDamaged / SessionRefused, both NotFound, for the owner's quarantined or refused ones)."""
         session = self._index.get(session_id) if is_session_id(session_id) else None
+        if session is None and self.storage.shared and self.storage.exists(session_id):
+            session = self._adopt(session_id)  # written by another process of the deployment
         if session is not None and session.owner == owner:
             return session
+        damaged = self.quarantined.get(session_id)
+        if damaged is not None and damaged[0] == owner:
+            raise SessionDamaged(session_id, damaged[1])
         refused = self.refused.get(session_id)
         if refused is not None and refused[0] == owner:
-            raise NotFound(f"session {session_id!r} was {refused[1]}; this server does not serve it")
+            raise SessionRefused(refused[1])
         raise NotFound(f"session {session_id!r} not found")
+
+    def _adopt(self, session_id: str) -> Session | None:
+        """Shared mode: index a session another process wrote (None if it is not servable)."""
+        try:
+            session = self._from_entry(self.storage.read_meta(session_id))
+        except SessionRefused as exc:
+            self.refused[session_id] = (None, str(exc))
+            return None
+        except NotFound:  # gone again, or damaged (then quarantined and recorded by storage)
+            return None
+        if session is not None:
+            self._index[session_id] = session
+        return session
+
+    def _forget(self, session_id: str) -> None:
+        with self._lock:
+            self._index.pop(session_id, None)
+            self._loaded.pop(session_id, None)
+            self._unflushed.pop(session_id, None)
+
+    def _quarantined_now(self, session_id: str, reason: str) -> None:
+        with self._lock:
+            session = self._index.get(session_id)
+            self.quarantined[session_id] = (None if session is None else session.owner, reason)
+        self._forget(session_id)
 
     def info(self, session_id: str, owner: str | None) -> Session:
         """Metadata of a session (no tensors, does not count as a use)."""
@@ -265,19 +292,33 @@ class SessionStore:
 
     def list(self, owner: str | None) -> list[Session]:
         """Metadata of the owner's sessions, oldest first."""
+        if self.storage.shared:
+            self._refresh()
         with self._lock:
             mine = [s.without_tensors() for s in self._index.values() if s.owner == owner]
         return sorted(mine, key=lambda s: (s.created, s.id))
 
+    def _refresh(self) -> None:
+        """Shared mode: follow the sessions other processes added and deleted."""
+        on_disk = set(self.storage.session_ids())
+        with self._lock:
+            for gone in set(self._index) - on_disk:
+                self._forget(gone)
+            for new in on_disk - set(self._index) - set(self.refused):
+                self._adopt(new)
+
     def get(self, session_id: str, owner: str | None) -> Session:
-        """The session with its tensors (loaded from disk if evicted); marks it most recently used."""
+        """The session with its tensors (loaded and verified from disk if not in memory); marks it
+        most recently used. SessionDamaged if its files fail verification (it is quarantined);
+        Unavailable if they cannot be read right now (it is kept)."""
         with self._lock:
             session = self._lookup(session_id, owner)
-            session.last_used = max(session.last_used, self._clock())
             tensors = self._loaded.get(session_id)
             if tensors is not None:
                 self._loaded.move_to_end(session_id)
-            meta = self._meta_json(session)
+        if tensors is not None and self.storage.shared and not self.storage.exists(session_id):
+            self._forget(session_id)  # deleted by another process
+            raise NotFound(f"session {session_id!r} not found")
         if tensors is None:
             tensors = self._load_tensors(session_id)
             with self._lock:
@@ -286,44 +327,46 @@ class SessionStore:
                 self._loaded[session_id] = tensors
                 self._loaded.move_to_end(session_id)
                 self._evict_memory(keep=session_id)
-        try:
-            _write_json_atomic(self.directory / session_id / META_FILE, meta)  # persist last_used
-        except FileNotFoundError:  # deleted meanwhile; the caller still gets the tensors it asked for
-            pass
+        with self._lock:
+            session.last_used = max(session.last_used, self._clock())
+            self._unflushed[session_id] = session.last_used
+            due = self._clock() - self._last_flush >= self.last_used_flush_s
+        if due:
+            self.flush()
         return dataclasses.replace(session, state=tensors[0], delta=tensors[1])
 
     def _load_tensors(self, session_id: str) -> tuple[DocumentState, ParameterDelta]:
-        path = self.directory / session_id
         try:
-            state = DocumentState.load(path / STATE_FILE, self.fingerprint, device=self.device)
-            delta = ParameterDelta.load(path / DELTA_FILE, self.fingerprint, device=self.device)
-        except Exception as exc:  # truncated / corrupt / foreign files: never serve them
-            log.error("session store: could not load %s (%s: %s); removing it", session_id, type(exc).__name__, exc)
-            self._remove(session_id)
-            raise NotFound(f"session {session_id!r} could not be read back from disk and was removed") from exc
-        return state, delta
+            _, parts = self.storage.read(session_id)
+        except SessionDamaged as exc:
+            self._quarantined_now(session_id, exc.reason)
+            raise
+        except NotFound:
+            self._forget(session_id)
+            raise
+        try:
+            return from_parts(parts, self.device)
+        except (KeyError, ValueError, TypeError) as exc:  # verified files that do not make a session
+            reason = f"the stored parts do not form a session ({type(exc).__name__}: {exc})"
+            self._quarantined_now(session_id, reason)
+            self.storage.quarantine(session_id, reason)
+            raise SessionDamaged(session_id, reason) from None
 
     def put(self, session: Session) -> Session:
         """Write a new session (tensors required) to disk, then index it; returns its metadata.
 
-        When this returns the session is acknowledged: it survives a restart.
-        """
+        When this returns the session is acknowledged: it survives a restart. StorageFull while the
+        store is over its disk budget; Unavailable on transient I/O errors (nothing stored)."""
         if not session.loaded:
             raise ValueError("put needs a session with its state and delta")
         if not is_session_id(session.id):
             raise ValueError(f"malformed session id {session.id!r}")
-        path = self.directory / session.id
-        path.mkdir(parents=False, exist_ok=False)
-        try:
-            state_size = session.state.save(path / STATE_FILE, self.fingerprint, extra={"session_id": session.id})
-            delta_size = session.delta.save(path / DELTA_FILE, self.fingerprint)
-            stored = dataclasses.replace(session.without_tensors(), state_bytes=session.state.nbytes,
-                                         delta_bytes=session.delta.nbytes, disk_bytes=state_size + delta_size)
-            meta = self._meta_json(stored, files={STATE_FILE: state_size, DELTA_FILE: delta_size})
-            _write_json_atomic(path / META_FILE, meta)
-        except BaseException:
-            shutil.rmtree(path, ignore_errors=True)
-            raise
+        self.check_room()
+        stored = dataclasses.replace(session.without_tensors(), state_bytes=session.state.nbytes,
+                                     delta_bytes=session.delta.nbytes)
+        parts = to_parts(session.state, session.delta)
+        disk_bytes = self.storage.write(SessionRecord(session.id, stored.meta(), parts))
+        stored = dataclasses.replace(stored, disk_bytes=disk_bytes)
         with self._lock:
             self._index[stored.id] = stored
             self._loaded[stored.id] = (session.state, session.delta)
@@ -336,33 +379,34 @@ class SessionStore:
         NotFound if it is not ``owner``'s. Returns the updated metadata."""
         with self._lock:
             session = self._lookup(session_id, owner)
+            self.storage.set_owner(session_id, new_owner)
             session.owner = new_owner
-            _write_json_atomic(self.directory / session_id / META_FILE, self._meta_json(session))
             return session.without_tensors()
 
     def delete(self, session_id: str, owner: str | None) -> None:
         """Remove a session from memory and disk; NotFound if it is not the owner's."""
         with self._lock:
             self._lookup(session_id, owner)
-            self._remove(session_id)
+            self._forget(session_id)
+        self.storage.delete(session_id)
+
+    def flush(self) -> None:
+        """Write the pending ``last_used`` times (one small file each; no metadata rewrite)."""
+        with self._lock:
+            pending, self._unflushed = self._unflushed, {}
+            self._last_flush = self._clock()
+        for session_id, when in pending.items():
+            try:
+                self.storage.write_last_used(session_id, when)
+            except OSError as exc:  # a hint only: never fail a request for it
+                log.warning("session store: could not record the last use of %s (%s)", session_id, exc)
+
+    def close(self) -> None:
+        """Flush ``last_used``; release the directory's lock if the storage took it itself."""
+        self.flush()
+        self.storage.close()
 
     # ----------------------------------------------------------------------------------- internals
-    def _meta_json(self, session: Session, files: dict[str, int] | None = None) -> dict[str, Any]:
-        if files is None:  # a rewrite keeps the recorded sizes
-            files = {STATE_FILE: None, DELTA_FILE: None}
-            try:
-                old = json.loads((self.directory / session.id / META_FILE).read_text(encoding="utf-8"))
-                files = old["files"]
-            except (OSError, ValueError, KeyError):
-                pass
-        return {"format": SESSION_FORMAT, **session.meta(), "fingerprint": self.fingerprint, "files": files}
-
-    def _remove(self, session_id: str) -> None:
-        with self._lock:
-            self._index.pop(session_id, None)
-            self._loaded.pop(session_id, None)
-        shutil.rmtree(self.directory / session_id, ignore_errors=True)
-
     def _evict_memory(self, keep: str | None) -> None:
         """Drop the least recently used tensors beyond the memory budget (disk copies stay)."""
         if self.memory_budget_bytes is None:
@@ -378,7 +422,7 @@ class SessionStore:
             log.debug("session store: evicted %s from memory (kept on disk)", session_id)
 
     def _enforce_disk_budget(self, keep: str | None) -> None:
-        """Delete the least recently used sessions beyond the disk budget."""
+        """Delete the least recently used sessions beyond the disk budget (logged)."""
         if self.disk_budget_bytes is None:
             return
         total = self.disk_bytes
@@ -390,4 +434,8 @@ class SessionStore:
             log.warning("session store: disk budget %d bytes exceeded (%d); deleting least recently used "
                         "session %s (%d bytes)", self.disk_budget_bytes, total, session.id, session.disk_bytes)
             total -= session.disk_bytes
-            self._remove(session.id)
+            self._forget(session.id)
+            try:
+                self.storage.delete(session.id)
+            except NotFound:
+                pass

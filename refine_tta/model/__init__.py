@@ -14,10 +14,10 @@ from refine_tta.model.loading import (
     prepare_model,
 )
 from refine_tta.model.runtime import ReadOutput, read, read_document
-from refine_tta.model.state import DocumentState, LayerState, StateMismatchError, read_state_header
+from refine_tta.model.state import DocumentState, LayerState
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES", "DocumentState", "GenerationResult", "LayerState", "LoadedModel", "ModelFingerprint",
-    "ModelLoadError", "ReadOutput", "SamplingConfig", "StateMismatchError", "fingerprint_model", "generate",
-    "load_model", "prepare_model", "read", "read_document", "read_state_header", "sample_next",
+    "ModelLoadError", "ReadOutput", "SamplingConfig", "fingerprint_model", "generate", "load_model",
+    "prepare_model", "read", "read_document", "sample_next",
 ]

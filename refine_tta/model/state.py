@@ -4,25 +4,16 @@ A :class:`DocumentState` holds, for every layer, the delta-rule state and the sh
 windows, plus the number of tokens read and the next-token logits after the last one. It is a plain
 value: :meth:`DocumentState.to_cache` hands the model *copies* (fla's kernels update caches in
 place), so a state can be resumed, branched and saved without ever being changed by a read.
+Saving is :meth:`state_dict` / :meth:`from_state_dict` (plain tensors); files are the session
+storage's business (``refine_tta.engine.storage``).
 Tensors may carry autograd history (REFINE back-propagates through them).
 """
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
-
-STATE_FORMAT = "refine-tta-state/1"
-
-
-class StateMismatchError(ValueError):
-    """A saved state belongs to another model (or is not a state file at all)."""
 
 
 @dataclass
@@ -154,53 +145,18 @@ class DocumentState:
             out["next_logits"] = self.next_logits
         return {k: v.detach().to("cpu").contiguous() for k, v in out.items()}
 
-    def save(self, path: str | Path, fingerprint: dict, extra: dict | None = None) -> int:
-        """Write atomically (temp file + rename) as safetensors with a JSON header. Returns bytes."""
-        path = Path(path)
-        metadata = {"format": STATE_FORMAT, "fingerprint": json.dumps(fingerprint, sort_keys=True),
-                    "n_tokens": str(self.n_tokens), "n_layers": str(len(self.layers)),
-                    "extra": json.dumps(extra or {}, sort_keys=True)}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        try:
-            save_file(self.state_dict(), str(tmp), metadata=metadata)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a failed save leaves neither a partial file nor a temp file
-            raise
-        return path.stat().st_size
-
     @classmethod
-    def load(cls, path: str | Path, fingerprint: dict | None, device: str | torch.device = "cpu") -> DocumentState:
-        """Load a saved state; refuses (StateMismatchError) one saved with a different model."""
-        header = read_state_header(path)
-        if fingerprint is not None:
-            saved = header["fingerprint"]
-            diff = [k for k in fingerprint if saved.get(k) != fingerprint[k]]
-            if diff:
-                detail = ", ".join(f"{k}: saved {saved.get(k)!r} != model {fingerprint[k]!r}" for k in diff)
-                raise StateMismatchError(f"{path} was saved with another model ({detail})")
-        tensors = {}
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            for key in f.keys():
-                tensors[key] = f.get_tensor(key)
+    def from_state_dict(cls, tensors: dict[str, torch.Tensor], n_tokens: int) -> DocumentState:
+        """Inverse of :meth:`state_dict` (the keys say how many layers and conv windows there are).
+        Raises ValueError for keys that do not describe a state."""
+        n_layers = 0
+        while f"layers.{n_layers}.recurrent" in tensors:
+            n_layers += 1
         layers = []
-        for i in range(header["n_layers"]):
+        for i in range(n_layers):
             conv = tuple(tensors[f"layers.{i}.conv.{j}"] for j in range(3) if f"layers.{i}.conv.{j}" in tensors)
             layers.append(LayerState(tensors[f"layers.{i}.recurrent"], conv or None))
-        return cls(layers, header["n_tokens"], tensors.get("next_logits"))
-
-
-def read_state_header(path: str | Path) -> dict:
-    """The JSON header of a saved state (format, fingerprint, n_tokens, n_layers, extra)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as exc:
-        raise StateMismatchError(f"{path} is not a readable state file: {exc}") from exc
-    if meta.get("format") != STATE_FORMAT:
-        raise StateMismatchError(f"{path} is not a {STATE_FORMAT} file (format={meta.get('format')!r})")
-    return {"format": meta["format"], "fingerprint": json.loads(meta["fingerprint"]),
-            "n_tokens": int(meta["n_tokens"]), "n_layers": int(meta["n_layers"]),
-            "extra": json.loads(meta.get("extra", "{}"))}
+        known = set(cls(layers, n_tokens, tensors.get("next_logits")).state_dict())
+        if known != set(tensors):
+            raise ValueError(f"not a document state: unexpected tensors {sorted(set(tensors) - known)[:3]}")
+        return cls(layers, n_tokens, tensors.get("next_logits"))

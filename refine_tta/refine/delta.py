@@ -14,19 +14,12 @@ the base model is bit-identical after any adaptation, successful or not.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch.nn.utils import parametrize
 
-from refine_tta.model.state import StateMismatchError
 from refine_tta.refine.config import RefineConfig
-
-DELTA_FORMAT = "refine-tta-delta/1"
 
 
 class LoRA(torch.nn.Module):
@@ -108,36 +101,6 @@ class ParameterDelta:
             with torch.no_grad():
                 for n, orig in saved.items():
                     params[n].copy_(orig)
-
-    def save(self, path: str | Path, fingerprint: dict) -> int:
-        """Atomic safetensors write with the base model's fingerprint in the header. Returns bytes."""
-        import os
-
-        path = Path(path)
-        meta = {"format": DELTA_FORMAT, "kind": self.kind, "scale": repr(self.scale),
-                "fingerprint": json.dumps(fingerprint, sort_keys=True)}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in self.tensors.items()}
-        if not tensors:  # safetensors needs at least a valid (possibly empty) dict; keep a marker
-            tensors = {"__empty__": torch.zeros(0)}
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        return path.stat().st_size
-
-    @classmethod
-    def load(cls, path: str | Path, fingerprint: dict | None, device="cpu") -> ParameterDelta:
-        with safe_open(str(path), framework="pt", device=str(device)) as f:
-            meta = f.metadata() or {}
-            if meta.get("format") != DELTA_FORMAT:
-                raise StateMismatchError(f"{path} is not a {DELTA_FORMAT} file")
-            saved_fp = json.loads(meta["fingerprint"])
-            if fingerprint is not None and saved_fp != fingerprint:
-                diff = [k for k in fingerprint if saved_fp.get(k) != fingerprint[k]]
-                raise StateMismatchError(f"{path} was made for another model (differs in {', '.join(diff)})")
-            tensors = {k: f.get_tensor(k) for k in f.keys() if k != "__empty__"}
-        return cls(meta["kind"], tensors, float(meta["scale"]))
 
 
 class TrainableScope:
