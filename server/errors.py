@@ -186,19 +186,19 @@ def describe(exc: BaseException) -> ErrorInfo:
                      code="internal_error")
 
 
-def _leaf_routes(routes: list) -> list:
+def leaf_routes(routes: list) -> list:
     """Routes with their included routers flattened (FastAPI keeps an included router as one entry)."""
     out = []
     for route in routes:
         included = getattr(route, "original_router", None)
-        out.extend(_leaf_routes(included.routes) if included is not None else [route])
+        out.extend(leaf_routes(included.routes) if included is not None else [route])
     return out
 
 
 def allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at the request's path (for a 405's ``Allow``)."""
     methods: set[str] = set()
-    for route in _leaf_routes(request.app.router.routes):
+    for route in leaf_routes(request.app.router.routes):
         match, _ = route.matches({**request.scope, "method": "GET", "type": "http"})
         if match != Match.NONE and getattr(route, "methods", None):
             methods |= set(route.methods)

@@ -19,7 +19,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import AuthenticationFailed, BodyTooLarge, PermissionDenied, describe
+from server.errors import AuthenticationFailed, BodyTooLarge, PermissionDenied, describe, leaf_routes
 from server.metrics import ServerMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -49,7 +49,7 @@ class RequestContextMiddleware:
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")
         if route is None:  # answered before routing (401, 413): find the route it was meant for
-            for candidate in self.routes():
+            for candidate in leaf_routes(list(self.routes())):
                 match, _ = candidate.matches(scope)
                 if match == Match.FULL:
                     route = candidate

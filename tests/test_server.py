@@ -471,6 +471,8 @@ def test_auth(tiny, tmp_path, doc):
         assert r.status_code == 403 and error_of(r)["type"] == "permission_denied"
         assert c.get("/metrics", headers={"Authorization": "Bearer ops"}).status_code == 200
         assert c.get("/v1/sessions", headers={"Authorization": "Bearer ops"}).status_code == 401
+        metrics = c.get("/metrics", headers={"Authorization": "Bearer ops"}).text  # a 401 counts under its route
+        assert re.search(r'refine_tta_requests_total\{method="GET",route="/v1/sessions",status="401"\} \d', metrics)
         for headers, word in (({}, "missing"), ({"Authorization": "Bearer nope"}, "invalid"),
                               ({"Authorization": "Basic a2V5LWE="}, "Bearer")):
             for method, path in (("GET", "/v1/sessions"), ("POST", "/v1/adapt"), ("GET", "/metrics"),
