@@ -177,3 +177,12 @@ def test_scoring_in_groups_equals_one_batch(client, session_id, tok, monkeypatch
     for a, b in zip(together, alone):
         assert close(a["logprobs"]["token_logprobs"], b["logprobs"]["token_logprobs"], 1e-5)
         assert a["logprobs"]["tokens"] == b["logprobs"]["tokens"]
+
+
+def test_logprobs_of_a_full_length_prompt_and_its_completion(client, session_id, tok):
+    ids = (tok(" The keeper wrote in the ledger every evening.", add_special_tokens=False)["input_ids"] * 20)[:64]
+    r = client.post("/v1/completions", json={"model": session_id, "prompt": ids, "max_tokens": 8, "temperature": 0,
+                                             "echo": True, "logprobs": 1})  # 64 = max_prompt_tokens, plus 8
+    assert r.status_code == 200, r.text
+    lp = r.json()["choices"][0]["logprobs"]
+    assert len(lp["tokens"]) >= 64 and close(lp["token_logprobs"][:64], direct_logprobs(client, session_id, ids))

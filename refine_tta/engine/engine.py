@@ -198,8 +198,9 @@ class TokenScores:
 
 @dataclass
 class ScoreJob:
-    """Score token sequences after a session's document (None: base model, nothing read), in one
-    batched forward pass -> ``list[TokenScores]`` in the order given."""
+    """Score token sequences after a session's document (None: base model, nothing read), in
+    batched forward passes (groups under :data:`SCORE_LOGITS_BUDGET`) -> ``list[TokenScores]`` in
+    the order given."""
 
     session_id: str | None
     sequences: list[list[int]]
@@ -442,13 +443,16 @@ class Engine:
         if isinstance(prompt, str):
             ids = self.encode(prompt, add_special_tokens=session_id is None)
         else:
-            bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
-            if bad:
-                raise InvalidSettings(f"token id {bad[0]!r} is out of range [0, {self.vocab_size})")
-            ids = list(prompt)
+            ids = self._checked_ids(prompt)
         if len(ids) > self.limits.max_prompt_tokens:
             raise LimitExceeded("max_prompt_tokens", len(ids), self.limits.max_prompt_tokens, what="prompt tokens")
         return ids
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidSettings(f"token id {bad[0]!r} is out of range [0, {self.vocab_size})")
+        return list(ids)
 
     def submit_generate(self, session_id: str | None, prompt: str | list[int], sampling: SamplingConfig,
                         owner: str | None, on_text: Callable[[str, int], None] | None = None) -> JobHandle:
@@ -468,17 +472,22 @@ class Engine:
 
     def submit_score(self, session_id: str | None, sequences: list[list[int]], top_k: int,
                      owner: str | None) -> JobHandle:
-        """Check and queue the scoring of token sequences (each as :meth:`prompt_ids` gives them)
-        after a session's document or from nothing (base model); one queue slot for all of them.
-        The future resolves to ``list[TokenScores]``."""
+        """Check and queue the scoring of token sequences (a prompt, or a prompt and its completion:
+        each at most ``max_prompt_tokens + max_new_tokens`` ids) after a session's document or from
+        nothing (base model); one queue slot for all of them. The future resolves to
+        ``list[TokenScores]``."""
         if session_id is not None:
             self.sessions.info(session_id, owner)
         if not 0 <= top_k <= self.vocab_size:
             raise InvalidSettings(f"top_k must be in [0, {self.vocab_size}], got {top_k}")
         if not sequences or any(not ids for ids in sequences):
             raise InvalidSettings("nothing to score: every sequence needs at least one token")
+        longest = self.limits.max_prompt_tokens + self.limits.max_new_tokens
         for ids in sequences:
-            self.prompt_ids(session_id, ids)
+            self._checked_ids(ids)
+            if len(ids) > longest:
+                raise LimitExceeded("max_prompt_tokens", len(ids), longest,
+                                    what="prompt and completion tokens (max_prompt_tokens + max_new_tokens)")
         return self.submit(ScoreJob(session_id, [list(ids) for ids in sequences], top_k, owner))
 
     def submit(self, job: Job) -> JobHandle:
