@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from refine_tta.engine import Engine, GenerationResult, InvalidSettings, RefineConfig, SamplingConfig
-from server import openai
+from server import openai_compat as openai
 from server.errors import BadParameter, describe
 from server.jsonbody import StrictJSONRoute
 from server.metrics import CONTENT_TYPE
