@@ -31,7 +31,7 @@ from refine_tta.engine import (
     is_session_id,
 )
 from server.errors import BadParameter
-from server.schemas import MAX_CHOICES, CompletionLogprobs, CompletionRequest
+from server.schemas import MAX_CHOICES, CompletionChoice, CompletionLogprobs, CompletionRequest
 from server.streaming import wait_for_job
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -173,8 +173,16 @@ async def score_choices(engine: Engine, request: Request, session_id: str | None
     return [logprobs_of(engine, scored.get(i, empty), *span, top_k) for i, span in enumerate(spans)]
 
 
-def choice_text(prompt: Prompt, result: GenerationResult | None, echo: bool) -> str:
-    return (prompt.text if echo else "") + ("" if result is None else result.text)
+def choices(prompts: list[Prompt], results: list[GenerationResult | None], logprobs: list[CompletionLogprobs | None],
+            body: CompletionRequest) -> list[CompletionChoice]:
+    """Choice ``i`` (prompt ``i // n``): echoed prompt text (if echo) + completion; a scored-only
+    prompt (``max_tokens: 0``) finishes with ``length``."""
+    out = []
+    for i, result in enumerate(results):
+        text = (prompts[i // body.n].text if body.echo else "") + ("" if result is None else result.text)
+        finish = "length" if result is None else FINISH[result.finish_reason]
+        out.append(CompletionChoice(index=i, text=text, logprobs=logprobs[i], finish_reason=finish))
+    return out
 
 
 def new_seed(body: CompletionRequest) -> int:

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from refine_tta.engine import Engine, GenerationResult, InvalidSettings, RefineConfig, SamplingConfig
-from server import openai_compat as openai
+from server import openai_compat
 from server.errors import BadParameter, describe
 from server.jsonbody import StrictJSONRoute
 from server.metrics import CONTENT_TYPE
@@ -186,7 +186,7 @@ def list_models(runtime: Runtime = Depends(get_runtime), engine: Engine = Depend
     return ModelList(data=[base, *sessions])
 
 
-def _usage(prompts: list[openai.Prompt], results: list[GenerationResult | None]) -> CompletionUsage:
+def _usage(prompts: list[openai_compat.Prompt], results: list[GenerationResult | None]) -> CompletionUsage:
     prompt_tokens = sum(len(p.ids) for p in prompts)
     completion_tokens = sum(len(r.tokens) for r in results if r is not None)
     return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
@@ -197,30 +197,27 @@ def _usage(prompts: list[openai.Prompt], results: list[GenerationResult | None])
              responses={200: {"content": event_stream("message")}, **errors(400, 404, 413, 429)})
 async def completions(body: CompletionRequest, request: Request, engine: Engine = Depends(get_engine),
                       owner: str | None = Depends(get_owner)) -> Any:
-    session_id = openai.session_of(engine, body.model)
-    openai.refuse_unsupported(body)
-    seed = openai.new_seed(body)
-    openai.sampling_of(engine, body, seed)  # bad sampling values fail before any work
+    session_id = openai_compat.session_of(engine, body.model)
+    openai_compat.refuse_unsupported(body)
+    seed = openai_compat.new_seed(body)
+    openai_compat.sampling_of(engine, body, seed)  # bad sampling values fail before any work
     if session_id is not None:
         engine.sessions.info(session_id, owner)
-    prompts = await run_in_threadpool(openai.encode_prompts, engine, session_id, body)
+    prompts = await run_in_threadpool(openai_compat.encode_prompts, engine, session_id, body)
     completion_id, created = "cmpl-" + uuid.uuid4().hex, int(time.time())
     if body.stream:
         return await _stream_completion(body, engine, session_id, prompts[0], seed, owner, completion_id, created)
-    results = await openai.generate_all(engine, request, session_id, prompts, body, seed, owner)
-    logprobs = (await openai.score_choices(engine, request, session_id, prompts, results, body, owner)
+    results = await openai_compat.generate_all(engine, request, session_id, prompts, body, seed, owner)
+    logprobs = (await openai_compat.score_choices(engine, request, session_id, prompts, results, body, owner)
                 if body.logprobs is not None else [None] * len(results))
-    choices = [CompletionChoice(index=i, text=openai.choice_text(prompts[i // body.n], result, body.echo),
-                                logprobs=logprobs[i],
-                                finish_reason="length" if result is None else openai.FINISH[result.finish_reason])
-               for i, result in enumerate(results)]
     return Completion(id=completion_id, created=created, model=body.model, usage=_usage(prompts, results),
-                      choices=choices)
+                      choices=openai_compat.choices(prompts, results, logprobs, body))
 
 
-async def _stream_completion(body: CompletionRequest, engine: Engine, session_id: str | None, prompt: openai.Prompt,
-                             seed: int, owner: str | None, completion_id: str, created: int) -> Any:
-    sampling = openai.sampling_of(engine, body, seed)
+async def _stream_completion(body: CompletionRequest, engine: Engine, session_id: str | None,
+                             prompt: openai_compat.Prompt, seed: int, owner: str | None, completion_id: str,
+                             created: int) -> Any:
+    sampling = openai_compat.sampling_of(engine, body, seed)
 
     def chunk(text: str, finish: str | None, usage: CompletionUsage | None = None, choices: bool = True) -> str:
         return Completion(id=completion_id, created=created, model=body.model, usage=usage,
@@ -240,7 +237,7 @@ async def _stream_completion(body: CompletionRequest, engine: Engine, session_id
             yield {"data": describe(error).json()}
             return
         result = handle.future.result()
-        yield {"data": chunk("", openai.FINISH[result.finish_reason])}
+        yield {"data": chunk("", openai_compat.FINISH[result.finish_reason])}
         if body.include_usage:
             yield {"data": chunk("", None, _usage([prompt], [result]), choices=False)}
         yield {"data": "[DONE]"}
@@ -254,7 +251,7 @@ async def tokenize(body: TokenizeRequest, engine: Engine = Depends(get_engine),
                    owner: str | None = Depends(get_owner)) -> TokenizeResponse:
     """vLLM's ``/tokenize``: the ids of ``prompt`` (every model here shares the base tokenizer)."""
     if body.model is not None:
-        session_id = openai.session_of(engine, body.model)
+        session_id = openai_compat.session_of(engine, body.model)
         if session_id is not None:
             engine.sessions.info(session_id, owner)
     ids = await run_in_threadpool(engine.encode, body.prompt, body.add_special_tokens)
@@ -266,7 +263,7 @@ async def detokenize(body: DetokenizeRequest, engine: Engine = Depends(get_engin
                      owner: str | None = Depends(get_owner)) -> DetokenizeResponse:
     """vLLM's ``/detokenize``: the text of token ids (special tokens left out)."""
     if body.model is not None:
-        session_id = openai.session_of(engine, body.model)
+        session_id = openai_compat.session_of(engine, body.model)
         if session_id is not None:
             engine.sessions.info(session_id, owner)
     bad = [t for t in body.tokens if t >= engine.vocab_size]
