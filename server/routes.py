@@ -44,6 +44,7 @@ from server.schemas import (
     TokenEvent,
     TokenizeRequest,
     TokenizeResponse,
+    TokenizerInfo,
 )
 from server.streaming import EventBridge, sse, wait_for_job
 
@@ -256,6 +257,12 @@ async def tokenize(body: TokenizeRequest, engine: Engine = Depends(get_engine),
             engine.sessions.info(session_id, owner)
     ids = await run_in_threadpool(engine.encode, body.prompt, body.add_special_tokens)
     return TokenizeResponse(count=len(ids), max_model_len=engine.limits.max_prompt_tokens, tokens=ids)
+
+
+@router.get("/tokenizer_info", response_model=TokenizerInfo, responses=errors())
+def tokenizer_info(engine: Engine = Depends(get_engine)) -> TokenizerInfo:
+    """vLLM's ``/tokenizer_info``: the special tokens of the one tokenizer every model here shares."""
+    return TokenizerInfo(**engine.special_tokens(), model_max_length=engine.limits.max_prompt_tokens)
 
 
 @router.post("/detokenize", response_model=DetokenizeResponse, responses=errors(400, 404))

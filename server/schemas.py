@@ -316,6 +316,16 @@ class TokenizeResponse(BaseModel):
     tokens: list[int]
 
 
+class TokenizerInfo(BaseModel):
+    """vLLM's ``/tokenizer_info`` (what lm-evaluation-harness reads to use the server's tokenizer)."""
+
+    bos_token: str | None
+    eos_token: str | None
+    pad_token: str | None
+    unk_token: str | None
+    model_max_length: int = Field(description="the most tokens one prompt may have (max_prompt_tokens)")
+
+
 class DetokenizeRequest(BaseModel):
     model_config = _STRICT
 

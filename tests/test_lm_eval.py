@@ -67,9 +67,11 @@ def tiny(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("tiny"))
 
 
-def lm_eval_command(url: str, model: str, tokenizer: Path, add_bos: bool, include: Path, out: Path) -> list[str]:
-    args = (f"model={model},base_url={url}/v1/completions,tokenizer={tokenizer},tokenizer_backend=huggingface,"
-            f"tokenized_requests=True,add_bos_token={add_bos},num_concurrent=1,max_retries=1")
+def lm_eval_command(url: str, model: str, tokenizer: Path | None, add_bos: bool, include: Path, out: Path) -> list[str]:
+    """``tokenizer`` None: lm-eval finds the server's own (``/tokenizer_info``, ``/tokenize``)."""
+    local = f"tokenizer={tokenizer},tokenizer_backend=huggingface," if tokenizer is not None else ""
+    args = (f"model={model},base_url={url}/v1/completions,{local}tokenized_requests=True,add_bos_token={add_bos},"
+            f"num_concurrent=1,max_retries=1")
     return [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
             "--tasks", ",".join(TASKS), "--include_path", str(include), "--output_path", str(out), "--log_samples",
             "--batch_size", "4", "--seed", "0"]
@@ -124,13 +126,15 @@ def test_lm_eval_local_completions(tiny, tmp_path):
                        timeout=300)
         assert r.status_code == 200, r.text
         session = r.json()["session_id"]
-        for model, add_bos in ((base, True), (session, False)):
+        # The base model with a local copy of the tokenizer (BOS first); the session with the server's.
+        for model, add_bos, tokenizer in ((base, True, tiny), (session, False, None)):
             out = tmp_path / f"out-{model}"
-            cmd = lm_eval_command(server.url, model, tiny, add_bos, include, out)
+            cmd = lm_eval_command(server.url, model, tokenizer, add_bos, include, out)
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
             table = done.stdout[done.stdout.find("|Tasks"):] if "|Tasks" in done.stdout else done.stdout[-3000:]
             print(f"\n$ {' '.join(cmd[2:])}\n{table}")
             assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+            assert (tokenizer is None) == ("remote tokenizer support" in done.stdout + done.stderr)
             runs[model] = (out, add_bos)
     finally:
         server.stop()

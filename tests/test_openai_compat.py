@@ -144,6 +144,10 @@ def test_tokenize_and_detokenize(client, base, session_id, tok):
     bare = client.post("/tokenize", json={"model": session_id, "prompt": text, "add_special_tokens": False}).json()
     assert bare["tokens"] == r["tokens"][1:]
     assert client.post("/detokenize", json={"tokens": r["tokens"]}).json() == {"prompt": text}
+    info = client.get("/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"], info["model_max_length"]) == (tok.bos_token, tok.eos_token, 64)
+    eos = client.post("/tokenize", json={"prompt": info["eos_token"], "add_special_tokens": False}).json()
+    assert eos["tokens"] == [tok.eos_token_id]  # how lm-eval's remote tokenizer finds the EOS id
 
 
 def test_openai_package_types_and_errors(client, base, session_id):

@@ -430,6 +430,12 @@ class Engine:
     def eos_token_id(self) -> int | None:
         return self._codec.eos_token_id
 
+    def special_tokens(self) -> dict[str, str | None]:
+        """The tokenizer's special tokens as text (``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``)."""
+        tokenizer = self.loaded.tokenizer
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        return {name: value if isinstance(value := getattr(tokenizer, name, None), str) else None for name in names}
+
     @property
     def vocab_size(self) -> int:
         """Token ids run from 0 to vocab_size - 1 (the model's embedding rows)."""
