@@ -108,6 +108,9 @@ async def generate_all(engine: Engine, request: Request, session_id: str | None,
     Every job is queued before any is awaited; if one cannot be queued, the others are cancelled."""
     if body.max_tokens == 0:
         return [None] * (len(prompts) * body.n)
+    if len(prompts) * body.n > engine.limits.queue_size:  # could never all be queued: retrying would not help
+        raise BadParameter(f"{len(prompts)} prompts * n={body.n} generations is over the server's queue_size="
+                           f"{engine.limits.queue_size} (each choice is one queued generation)", "n", "limit_exceeded")
     handles: list[JobHandle] = []
     try:
         for prompt in prompts:

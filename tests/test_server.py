@@ -238,6 +238,8 @@ BAD_INPUTS = [
      ["n"]),
     ("completion-batch", "POST", "/v1/completions", {"model": "M", "prompt": ["a"] * 9, "n": 4}, 400,
      "invalid_request", ["9 prompts", "n=4"]),
+    ("completion-over-queue", "POST", "/v1/completions", {"model": "M", "prompt": ["a"] * 5}, 400,
+     "invalid_request", ["queue_size=4"]),
     ("completion-presence-penalty", "POST", "/v1/completions", {"model": "M", "prompt": "a", "presence_penalty": 0.5},
      400, "invalid_request", ["presence_penalty", "not supported"]),
     ("completion-frequency-penalty", "POST", "/v1/completions",
