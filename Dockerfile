@@ -1,6 +1,7 @@
 # refine-tta inference server for a GPU host (CUDA 12.8, one GPU).
 #
 #   docker build -t refine-tta .
+#   docker build --build-arg EXTRAS='[ray]' -t refine-tta:ray .    # for several replicas (docs/ray.md)
 #   docker run --gpus all -p 8000:8000 -v refine-tta-state:/var/lib/refine-tta \
 #       -e REFINE_TTA_API_KEYS=key1,key2 refine-tta
 #
@@ -29,7 +30,9 @@ WORKDIR /opt/refine-tta
 COPY pyproject.toml ./
 COPY refine_tta ./refine_tta
 COPY server ./server
-RUN pip install . && python -c "import torch, refine_tta, server.app; print('torch', torch.__version__)"
+# EXTRAS='[ray]' for the Ray Serve replicas image (deploy/kuberay/rayservice.yaml, docs/ray.md).
+ARG EXTRAS=""
+RUN pip install ".${EXTRAS}" && python -c "import torch, refine_tta, server.app; print('torch', torch.__version__)"
 
 # The embedded small model (config, weights, tokenizer).
 COPY models ./models

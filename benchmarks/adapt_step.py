@@ -1,26 +1,37 @@
-"""Cost of one REFINE adaptation step: shared-prefix branches vs re-reading every prefix.
+"""Cost of one REFINE adaptation step: shared-prefix branches vs re-reading every prefix vs NTP.
 
-What is measured: wall-clock seconds of one ``refine_step`` (score the document, select positions,
+What is measured: wall-clock seconds of one ``refine_step`` (read the document, select positions,
 roll out, reward, PPO + NTP loss, backward, AdamW update) on the **branch** path (read the
-document once, roll out and back-propagate k-token branches from the states kept at the rollout
-starts) and on the **reference** path (the paper's code: every rollout re-reads its prefix to
-sample, again for old log-probs and again, with gradients, for the update), in one process, on
-the same model, documents, positions and rollouts (same seed), for each document length L and
-rollouts per position n. The spec says the reference step costs about 8-10x an NTP step; the
-branch step should cost about one forward + backward over the document plus small branches.
+document once, roll out and back-propagate k-token branches from the states kept on the way) and
+on the **reference** path (the paper's code: every rollout re-reads its prefix to sample, again for
+old log-probs and again, with gradients, for the update), and of one NTP-only step (``sft_step``:
+the paper's "SFT" baseline, one forward + backward over the document), in one process, on the same
+model, documents, positions and rollouts (same seed), for each document length L and rollouts per
+position n. Two ratios per (L, n): reference / branch (the speed-up of branching) and branch / NTP
+(what a REFINE step costs over the NTP step it is built on). The spec says the reference step
+costs about 8-10x an NTP step; the branch step should cost about one forward + backward over the
+document plus small branches.
 
 How: held-out prose (never seen in training, shipped with the package) tokenised with the model's
 tokenizer to exactly L tokens; n_chunks 8, k 5, scope ``full`` (every parameter trained, the
-paper's setting), lr 1e-6. For every (L, n, path): one warm-up step, then ``--repeats`` timed
-steps, each inside a fresh ``trainable_scope`` with a fresh AdamW, so every repetition does the
-same work from the base weights; the median is reported, with the per-phase split of that step.
+paper's setting), lr 1e-6. For every (L, n): one warm-up NTP step and one warm-up branch step
+(allocator, first-call overheads; the reference path runs the same operations, so it gets no
+warm-up of its own: at 8K one reference step takes minutes), then ``--repeats`` rounds of one
+timed step per kind (NTP, branch, reference, interleaved, so a change in the machine's load hits
+all three), each inside a fresh ``trainable_scope`` with a fresh AdamW, so every repetition does
+the same work from the base weights; the median is reported, with the per-phase split of that
+step. Wall seconds, and the process's CPU seconds (``time.process_time``): on a shared machine
+the CPU seconds of a one-thread run are far less disturbed by other processes than wall time,
+so the table gives both ratios.
 With no trained weights in ``--model`` the model is initialised at random from its config.json
-(or, without one, from the training script's default architecture); the output says so.
+(or, without one, from the training script's default architecture); the output says so. Any
+supported model type works, e.g. the small LaCT configuration in ``benchmarks/configs/lact-small``.
 Timing does not depend on the weights' values, only on their shapes.
 
     python -m benchmarks.adapt_step                           # L = 1024, 4096; n = 1, 4
-    python -m benchmarks.adapt_step --lengths 1024,4096,8192 --repeats 3
+    python -m benchmarks.adapt_step --lengths 1024,4096,8192 --repeats 3 --reference-repeats 1
     python -m benchmarks.adapt_step --lengths 1024 --ns 1 --threads 2
+    python -m benchmarks.adapt_step --model benchmarks/configs/lact-small --tokenizer models/refine-tiny-deltanet
 """
 
 from __future__ import annotations
@@ -35,78 +46,10 @@ from benchmarks import common as bc
 
 DEFAULT_MODEL = bc.REPO_ROOT / "models" / "refine-tiny-deltanet"
 PATHS = ("branch", "reference")
+KINDS = ("ntp", *PATHS)  # "ntp": one sft_step (NTP loss only) on the same document and scope
 
 
-# --- model and documents ----------------------------------------------------------------------
-
-def load_or_init(path: Path, device: str):
-    """(model, tokenizer or None, info dict). Random initialisation when the weights are absent."""
-    import torch
-
-    from refine_tta.model import load_model
-    from refine_tta.model.loading import fingerprint_model, prepare_model, register_fla_models
-
-    has_config = (path / "config.json").is_file()
-    has_weights = any(path.glob("*.safetensors"))
-    if has_config and has_weights:
-        loaded = load_model(path, device=device)
-        model, tok = loaded.model, loaded.tokenizer
-        weights = "trained"
-        note = None
-    else:
-        register_fla_models()
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        tok = _tokenizer_or_none(path)
-        if has_config:
-            config = AutoConfig.from_pretrained(path)
-            weights = f"random init from {path / 'config.json'}"
-        else:
-            from fla.models import DeltaNetConfig
-
-            from refine_tta.train.train import parse_args as train_defaults
-
-            d = train_defaults([])
-            config = DeltaNetConfig(hidden_size=d.hidden, num_hidden_layers=d.layers, num_heads=d.heads,
-                                    vocab_size=len(tok) if tok is not None else 8192, tie_word_embeddings=True,
-                                    fuse_cross_entropy=False, use_cache=True)
-            weights = "random init with the training script's default architecture (no config.json)"
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config).to(device)
-        if device == "cpu":
-            model.float()
-        prepare_model(model, torch.device(device))
-        note = (f"no trained weights in {path}: timing a RANDOMLY INITIALISED model ({weights}); "
-                "the cost of a step depends on the shapes, not on the weights")
-    cfg = model.config
-    info = {"path": str(path), "weights": weights, "model_type": cfg.model_type,
-            "parameters": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers,
-            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
-            "backend": getattr(model, "refine_tta_backend", None),
-            "fingerprint": fingerprint_model(model).to_dict()}
-    if weights == "trained":
-        info["training_step"] = _training_step(path)
-    return model, tok, info, note
-
-
-def _training_step(path: Path) -> int | None:
-    """The optimizer step of the checkpoint, from the training script's log beside the weights."""
-    import json
-
-    try:
-        return int(json.loads((path / "training_log.json").read_text())["steps"][-1]["step"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
-        return None
-
-
-def _tokenizer_or_none(path: Path):
-    if not (path / "tokenizer.json").is_file():
-        return None
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(path)
-
+# --- documents -------------------------------------------------------------------------------
 
 def document(tok, texts: list[str], L: int, vocab: int, device: str):
     """[1, L] ids of held-out prose (BOS first); random ids only when there is no tokenizer."""
@@ -121,12 +64,12 @@ def document(tok, texts: list[str], L: int, vocab: int, device: str):
 
 # --- timing -----------------------------------------------------------------------------------
 
-def one_step(model, ids, cfg, path: str) -> dict:
-    """One refine_step from the base weights, fresh optimizer; returns its stats + wall seconds."""
+def one_step(model, ids, cfg, kind: str) -> dict:
+    """One step of ``kind`` (KINDS) from the base weights, fresh optimizer; its stats + wall seconds."""
     import torch
 
     from refine_tta.refine.delta import trainable_scope
-    from refine_tta.refine.loop import refine_step
+    from refine_tta.refine.loop import refine_step, sft_step
 
     device = ids.device
     gen = torch.Generator(device=device).manual_seed(cfg.seed)
@@ -136,10 +79,14 @@ def one_step(model, ids, cfg, path: str) -> dict:
         with trainable_scope(model, cfg, gen) as scope:
             opt = torch.optim.AdamW(scope.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             _sync(device)
-            t = time.perf_counter()
-            stats = refine_step(model, ids, cfg, gen, scope.params, opt, path)
+            t, cpu = time.perf_counter(), time.process_time()
+            if kind == "ntp":
+                stats = sft_step(model, ids, cfg, scope.params, opt)
+            else:
+                stats = refine_step(model, ids, cfg, gen, scope.params, opt, kind)
             _sync(device)
             stats["wall_s"] = time.perf_counter() - t
+            stats["cpu_s"] = time.process_time() - cpu
     finally:
         model.train(was_training)
     return stats
@@ -152,17 +99,33 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(model, ids, cfg, path: str, repeats: int) -> dict:
-    one_step(model, ids, cfg, path)  # warm-up (allocator, first-call overheads)
-    runs = [one_step(model, ids, cfg, path) for _ in range(repeats)]
+def measure(model, ids, cfg, repeats: int, reference_repeats: int) -> dict:
+    """Warm-up (NTP, branch), then ``repeats`` rounds of one timed step per kind (the reference path
+    only in the first ``reference_repeats`` rounds). Returns {kind: summary}."""
+    for kind in ("ntp", "branch"):
+        one_step(model, ids, cfg, kind)
+    runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+    for i in range(max(repeats, reference_repeats)):
+        for kind in KINDS:
+            if i < (reference_repeats if kind == "reference" else repeats):
+                runs[kind].append(one_step(model, ids, cfg, kind))
+    return {kind: summarize(runs[kind], ids.device) for kind in KINDS}
+
+
+def summarize(runs: list[dict], device) -> dict:
+    """Median wall time of the runs, and the statistics of the median run."""
     times = [r["wall_s"] for r in runs]
+    cpu = [r["cpu_s"] for r in runs]
     mid = sorted(range(len(runs)), key=lambda i: times[i])[(len(runs) - 1) // 2]
     chosen = runs[mid]
-    return {"median_s": bc.median(times), "runs_s": [round(t, 4) for t in times],
-            "phases_s": chosen["seconds_by_phase"], "tokens_processed": chosen["tokens_processed"],
-            "positions": chosen["positions"], "peak_memory_mb": _peak_mb(ids.device),
-            "rollout_tokens_sha1": hashlib.sha1(str(chosen["rollout_tokens"]).encode()).hexdigest()[:12],
-            "policy_loss": chosen["policy_loss"], "ntp_loss": chosen["ntp_loss"]}
+    out = {"median_s": bc.median(times), "runs_s": [round(t, 4) for t in times],
+           "median_cpu_s": bc.median(cpu), "runs_cpu_s": [round(t, 4) for t in cpu],
+           "phases_s": chosen["seconds_by_phase"], "tokens_processed": chosen["tokens_processed"],
+           "peak_memory_mb": _peak_mb(device), "ntp_loss": chosen["ntp_loss"]}
+    if "rollout_tokens" in chosen:
+        out.update(positions=chosen["positions"], policy_loss=chosen["policy_loss"],
+                   rollout_tokens_sha1=hashlib.sha1(str(chosen["rollout_tokens"]).encode()).hexdigest()[:12])
+    return out
 
 
 def _peak_mb(device) -> float:
@@ -218,18 +181,24 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="model directory (random init from its config.json if it has no weights)")
+    p.add_argument("--tokenizer", type=Path, default=None,
+                   help="tokenizer directory when --model has none (e.g. models/refine-tiny-deltanet)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lengths", type=bc.int_list, default=[1024, 4096], help="document lengths (1024,4096,8192)")
     p.add_argument("--ns", type=bc.int_list, default=[1, 4], help="rollouts per position")
     p.add_argument("--n-chunks", type=int, default=8)
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=2, help="timed steps per cell after one warm-up")
+    p.add_argument("--repeats", type=int, default=2, help="timed NTP and branch steps per cell after the warm-up")
+    p.add_argument("--reference-repeats", type=int, default=None,
+                   help="timed reference steps per cell (default: --repeats; one takes minutes at 8K)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--out", type=Path, default=bc.RESULTS_DIR / "adapt_step.json",
                    help="result JSON; the PNG goes beside it")
     args = p.parse_args(argv)
-    if args.repeats < 1:
-        p.error("--repeats must be >= 1")
+    if args.reference_repeats is None:
+        args.reference_repeats = args.repeats
+    if args.repeats < 1 or args.reference_repeats < 1:
+        p.error("--repeats and --reference-repeats must be >= 1")
     return args
 
 
@@ -243,7 +212,7 @@ def main(argv=None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model, tok, info, note = load_or_init(args.model, args.device)
+    model, tok, info, note = bc.load_or_init(args.model, args.device, args.tokenizer)
     result = bc.new_result("adapt_step", args.device)
     result["model"] = info
     if note:
@@ -256,29 +225,39 @@ def main(argv=None) -> int:
         for n in args.ns:
             cfg = RefineConfig(mode="refine", steps=1, lr=1e-6, n_chunks=args.n_chunks, k=args.k, n=n,
                                scope="full", seed=0)
-            cell = {"L": L, "n": n, "document": source}
-            for path in PATHS:
-                cell[path] = measure(model, ids, cfg, path, args.repeats)
-                print(f"L={L} n={n} {path}: {cell[path]['median_s']:.3f} s/step "
-                      f"(runs {cell[path]['runs_s']})", file=sys.stderr)
+            cell = {"L": L, "n": n, "document": source, **measure(model, ids, cfg, args.repeats, args.reference_repeats)}
+            for kind in KINDS:
+                print(f"L={L} n={n} {kind}: {cell[kind]['median_s']:.3f} s/step (runs {cell[kind]['runs_s']}; "
+                      f"CPU s {cell[kind]['runs_cpu_s']}; "
+                      f"phases {cell[kind]['phases_s']})", file=sys.stderr)
+            cell["same_positions"] = cell["branch"]["positions"] == cell["reference"]["positions"]
             cell["same_rollouts"] = cell["branch"]["rollout_tokens_sha1"] == cell["reference"]["rollout_tokens_sha1"]
+            cell["ntp_s"] = cell["ntp"]["median_s"]
             cell["branch_s"] = cell["branch"]["median_s"]
             cell["reference_s"] = cell["reference"]["median_s"]
             cell["ratio"] = cell["reference_s"] / cell["branch_s"]
+            cell["refine_over_ntp"] = cell["branch_s"] / cell["ntp_s"]
+            cell["ratio_cpu"] = cell["reference"]["median_cpu_s"] / cell["branch"]["median_cpu_s"]
+            cell["refine_over_ntp_cpu"] = cell["branch"]["median_cpu_s"] / cell["ntp"]["median_cpu_s"]
             rows.append(cell)
     result["settings"] = {"n_chunks": args.n_chunks, "k": args.k, "scope": "full", "lr": 1e-6,
-                          "repeats": args.repeats, "warmup": 1, "statistic": "median"}
+                          "repeats": args.repeats, "reference_repeats": args.reference_repeats,
+                          "warmup": "one NTP step and one branch step per cell", "statistic": "median"}
     result["machine"]["torch_threads"] = torch.get_num_threads()
     result["rows"] = rows
     result["tables"].append(bc.table(
         f"One REFINE step, {info['model_type']} {info['parameters'] / 1e6:.1f}M ({info['weights']}), "
         f"{bc.machine_summary(result['machine'])}",
-        ["L", "n", "branch s/step", "reference s/step", "ratio"],
-        [[r["L"], r["n"], f"{r['branch_s']:.3f}", f"{r['reference_s']:.3f}", f"{r['ratio']:.1f}x"] for r in rows]))
-    differ = [f"L={r['L']} n={r['n']}" for r in rows if not r["same_rollouts"]]
+        ["L", "n", "NTP s/step", "branch s/step", "reference s/step", "reference / branch", "branch / NTP",
+         "reference / branch (CPU s)", "branch / NTP (CPU s)"],
+        [[r["L"], r["n"], f"{r['ntp_s']:.3f}", f"{r['branch_s']:.3f}", f"{r['reference_s']:.3f}",
+          f"{r['ratio']:.1f}x", f"{r['refine_over_ntp']:.2f}x", f"{r['ratio_cpu']:.1f}x",
+          f"{r['refine_over_ntp_cpu']:.2f}x"] for r in rows]))
+    differ = [f"L={r['L']} n={r['n']}" for r in rows if not (r["same_positions"] and r["same_rollouts"])]
     if differ:
         result["notes"].append(
-            f"the two paths sampled different rollout tokens in {', '.join(differ)}: the paths read the prefix "
+            f"the two paths chose different positions or sampled different rollout tokens in {', '.join(differ)}: "
+            "the paths read the prefix "
             "in different segmentations, so fp32 logits differ by ~1e-6 and a draw that lands that close to a "
             "CDF boundary can flip (the unit tests check token equality on small models); the work per step, "
             "and so the timing, is the same")

@@ -85,15 +85,14 @@ def evaluate(loaded, context_ids: list[int], prompt_ids: list[int], answer_ids: 
     """
     import torch
 
-    from refine_tta.model import SamplingConfig, generate
+    from refine_tta.engine.text import SamplingConfig, TextCodec, generate_text
     from refine_tta.refine.loop import adapt
 
     tok = loaded.tokenizer
     result = adapt(loaded.model, torch.tensor([context_ids], device=loaded.device), cfg)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop=stop)
+    gen = generate_text(loaded.model, result.state, prompt_ids, sampling, TextCodec(tok), weights=result.delta)
     with result.delta.applied(loaded.model):
-        gen = generate(loaded.model, result.state, prompt_ids, sampling,
-                       lambda t: tok.decode(t, skip_special_tokens=True), tok.eos_token_id)
         nll = answer_nll(loaded.model, result.state, prompt_ids, answer_ids)
     total = result.stats["total"]
     return {"correct": bool(score(gen.text)), "completion": gen.text, "answer_nll": round(nll, 4),

@@ -301,6 +301,77 @@ def prose_ids(tok, texts: list[str], n_tokens: int, seed: str) -> list[int]:
     return ids[:n_tokens]
 
 
+def load_or_init(path: Path, device: str, tokenizer: Path | None = None):
+    """(model, tokenizer or None, info dict, note or None). Random initialisation from the
+    directory's config.json when it has no weights; ``tokenizer``: a directory to take the
+    tokenizer from when ``path`` has none (a config-only directory such as a LaCT config)."""
+    import torch
+
+    from refine_tta.model import load_model
+    from refine_tta.model.loading import fingerprint_model, prepare_model, register_fla_models
+
+    has_config = (path / "config.json").is_file()
+    has_weights = any(path.glob("*.safetensors"))
+    if has_config and has_weights:
+        loaded = load_model(path, device=device, load_tokenizer=tokenizer is None)
+        model, tok = loaded.model, loaded.tokenizer or _tokenizer_or_none(tokenizer)
+        weights = "trained"
+        note = None
+    else:
+        register_fla_models()
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        tok = _tokenizer_or_none(tokenizer or path)
+        if has_config:
+            config = AutoConfig.from_pretrained(path)
+            weights = f"random init from {path / 'config.json'}"
+        else:
+            from fla.models import DeltaNetConfig
+
+            from refine_tta.train.train import parse_args as train_defaults
+
+            d = train_defaults([])
+            config = DeltaNetConfig(hidden_size=d.hidden, num_hidden_layers=d.layers, num_heads=d.heads,
+                                    vocab_size=len(tok) if tok is not None else 8192, tie_word_embeddings=True,
+                                    fuse_cross_entropy=False, use_cache=True)
+            weights = "random init with the training script's default architecture (no config.json)"
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).to(device)
+        if device == "cpu":
+            model.float()
+        prepare_model(model, torch.device(device))
+        note = (f"no trained weights in {path}: timing a RANDOMLY INITIALISED model ({weights}); "
+                "the cost of a step depends on the shapes, not on the weights")
+    cfg = model.config
+    info = {"path": str(path), "weights": weights, "model_type": cfg.model_type,
+            "parameters": sum(p.numel() for p in model.parameters()), "layers": cfg.num_hidden_layers,
+            "hidden_size": cfg.hidden_size, "vocab_size": cfg.vocab_size,
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+            "backend": getattr(model, "refine_tta_backend", None),
+            "fingerprint": fingerprint_model(model).to_dict()}
+    if weights == "trained":
+        info["training_step"] = _training_step(path)
+    return model, tok, info, note
+
+
+def _training_step(path: Path) -> int | None:
+    """The optimizer step of the checkpoint, from the training script's log beside the weights."""
+    import json
+
+    try:
+        return int(json.loads((path / "training_log.json").read_text())["steps"][-1]["step"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _tokenizer_or_none(path: Path):
+    if path is None or not (path / "tokenizer.json").is_file():
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
 def load(model: str | None, device: str):
     """Load the model (default: the embedded one); prints where and how."""
     from refine_tta.defaults import default_model_path

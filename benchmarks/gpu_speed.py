@@ -162,7 +162,8 @@ def refine_step_times(model, device, vocab: int, n_tokens: int, scope: str, seed
 def prefill_decode(model, device, vocab: int, n_tokens: int, decode_tokens: int, seed: int) -> dict:
     import torch
 
-    from refine_tta.model import SamplingConfig, generate, read_document
+    from refine_tta.model import read_document
+    from refine_tta.model.decoding import TokenSampling, generate_tokens
 
     ids = torch.randint(0, vocab, (1, n_tokens), generator=torch.Generator().manual_seed(seed + 2)).to(device)
     read_document(model, ids[:, :min(n_tokens, 1024)])  # warm-up
@@ -171,9 +172,8 @@ def prefill_decode(model, device, vocab: int, n_tokens: int, decode_tokens: int,
     state = read_document(model, ids)
     sync(device)
     prefill_s = time.perf_counter() - t
-    sampling = SamplingConfig(max_new_tokens=decode_tokens, stop_at_eos=False)
-    generate(model, state, [1], SamplingConfig(max_new_tokens=4, stop_at_eos=False), lambda t: "", None)  # warm-up
-    g = generate(model, state, [1], sampling, lambda t: "", None)
+    generate_tokens(model, state, [1], TokenSampling(max_new_tokens=4))  # warm-up
+    g = generate_tokens(model, state, [1], TokenSampling(max_new_tokens=decode_tokens))
     return {"tokens": n_tokens, "prefill_s": round(prefill_s, 4),
             "prefill_tokens_per_s": round(n_tokens / prefill_s, 1),
             "decode_tokens": len(g.tokens), "decode_tokens_per_s": round(g.tokens_per_s, 1),

@@ -4,11 +4,11 @@ What is measured, per document length (512 to 8K tokens of held-out prose):
 
 * (a) **state** -- the product's path: the document is read once into a ``DocumentState``
   (``read_document``, timed separately as "read once"), then each query is answered from that
-  state: ``generate(model, state, prompt_ids)``;
+  state: ``generate_text(model, state, prompt_ids, ...)``;
 * (b) **re-read** -- what a model without saved state does: every query re-reads the document
-  with the prompt, ``generate(model, DocumentState.empty(), document_ids + prompt_ids)``.
+  with the prompt, ``generate_text(model, DocumentState.empty(), document_ids + prompt_ids, ...)``.
 
-Both go through ``refine_tta.model.generate``, greedy, ``--max-new-tokens`` tokens without
+Both go through ``refine_tta.engine.text.generate_text``, greedy, ``--max-new-tokens`` tokens without
 stopping early. Time to first token (TTFT) is from the call to the first sampled token (reading
 the prompt, plus the document for (b)); decode speed is tokens/s after the first token. Each
 figure is the median of ``--reps`` repetitions after one warm-up. The table also checks that
@@ -16,6 +16,12 @@ both paths give the same greedy completion and shows the state's size, which doe
 the document.
 
     python -m benchmarks.latency                  # ~1-2 min on 2 CPU cores with the default model
+    python -m benchmarks.latency --model benchmarks/configs/lact-small --tokenizer models/refine-tiny-deltanet \
+        --lengths 1024,4096,8192                  # the small LaCT configuration (random weights)
+
+``--model`` may be a directory with only a config.json (any supported model type): the model is
+then initialised at random (timing depends on the shapes, not the weights), with the tokenizer
+from ``--tokenizer``.
 """
 
 from __future__ import annotations
@@ -33,38 +39,38 @@ from benchmarks import common as bc  # noqa: E402
 PROMPT = "\n\nQuestion: What is the access code for the north gate? Answer:"
 
 
-def time_state_path(model, doc_ids, prompt_ids, sampling, decode, eos) -> dict:
+def time_state_path(model, doc_ids, prompt_ids, sampling, codec) -> dict:
     """(a): read the document once, then answer from the state."""
     import torch
 
-    from refine_tta.model import generate, read_document
+    from refine_tta.engine.text import generate_text
+    from refine_tta.model import read_document
 
     device = next(model.parameters()).device
     t = time.perf_counter()
     state = read_document(model, torch.tensor([doc_ids], device=device))
     read_s = time.perf_counter() - t
-    g = generate(model, state, prompt_ids, sampling, decode, eos)
+    g = generate_text(model, state, prompt_ids, sampling, codec)
     return {"read_s": read_s, "ttft_s": g.ttft_s, "tokens_per_s": g.tokens_per_s, "text": g.text,
             "state_bytes": state.nbytes, "n_generated": len(g.tokens)}
 
 
-def time_reread_path(model, doc_ids, prompt_ids, sampling, decode, eos) -> dict:
+def time_reread_path(model, doc_ids, prompt_ids, sampling, codec) -> dict:
     """(b): read document + prompt from nothing for the query."""
-    from refine_tta.model import DocumentState, generate
+    from refine_tta.engine.text import generate_text
+    from refine_tta.model import DocumentState
 
-    g = generate(model, DocumentState.empty(), doc_ids + prompt_ids, sampling, decode, eos)
+    g = generate_text(model, DocumentState.empty(), doc_ids + prompt_ids, sampling, codec)
     return {"ttft_s": g.ttft_s, "tokens_per_s": g.tokens_per_s, "text": g.text, "n_generated": len(g.tokens)}
 
 
-def measure_length(loaded, texts, length: int, reps: int, max_new_tokens: int) -> dict:
-    from refine_tta.model import SamplingConfig
+def measure_length(model, tok, texts, length: int, reps: int, max_new_tokens: int) -> dict:
+    from refine_tta.engine.text import SamplingConfig, TextCodec
 
-    tok = loaded.tokenizer
     doc_ids = bc.prose_ids(tok, texts, length, seed=f"latency:{length}")
     prompt_ids = tok.encode(PROMPT, add_special_tokens=False)
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop_at_eos=False)
-    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
-    args = (loaded.model, doc_ids, prompt_ids, sampling, decode, tok.eos_token_id)
+    args = (model, doc_ids, prompt_ids, sampling, TextCodec(tok))
     time_state_path(*args)  # warm-up (allocator, first-call overheads)
     state_runs = [time_state_path(*args) for _ in range(reps)]
     reread_runs = [time_reread_path(*args) for _ in range(reps)]
@@ -118,7 +124,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model directory (default: the embedded model); config.json only = random weights")
+    p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory when --model has none")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lengths", default="512,1024,2048,4096,8192", help="document lengths in tokens")
     p.add_argument("--reps", type=int, default=3, help="repetitions per length (median reported)")
@@ -133,22 +141,29 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     bc.quiet_logs()
     t0 = time.perf_counter()
-    loaded = bc.load(args.model, args.device)
+    from refine_tta.defaults import default_model_path
+
+    model, tok, info, note = bc.load_or_init(args.model or Path(default_model_path()), args.device, args.tokenizer)
+    if tok is None:
+        raise SystemExit(f"no tokenizer in {args.model}; pass --tokenizer DIR")
     texts = bc.heldout_texts()
     rows = []
     for length in bc.int_list(args.lengths):
-        rows.append(measure_length(loaded, texts, length, args.reps, args.max_new_tokens))
+        rows.append(measure_length(model, tok, texts, length, args.reps, args.max_new_tokens))
         r = rows[-1]
         print(f"{length} tokens: TTFT state {r['state']['ttft_s'] * 1000:.1f} ms, re-read "
               f"{r['reread']['ttft_s'] * 1000:.1f} ms", file=sys.stderr, flush=True)
     result = bc.new_result("latency", args.device, command=args.command)
-    result.update(model=bc.model_info(loaded, args.model), prompt=PROMPT, max_new_tokens=args.max_new_tokens,
+    if note:
+        result["notes"].append(note)
+    result.update(model=info, prompt=PROMPT, max_new_tokens=args.max_new_tokens,
                   reps=args.reps, rows=rows, tables=[latency_table(rows, args.max_new_tokens)],
                   plot=bc.plot_path(args.out).name)
     if not all(r["same_completion"] for r in rows):
         result["notes"].append("the two paths gave different greedy completions at some length (numerical "
                                "differences between chunked and step-wise reading can flip a near-tie)")
-    plot(rows, bc.plot_path(args.out), f"{loaded.name} on {args.device}: answering after a document")
+    name = Path(info["path"]).name + ("" if info["weights"] == "trained" else " (random weights)")
+    plot(rows, bc.plot_path(args.out), f"{name} on {args.device}: answering after a document")
     bc.print_result(result)
     bc.write_result(result, args.out, t0)
     return 0

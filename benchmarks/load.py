@@ -15,7 +15,12 @@ directly, so the figures are the server's, not the SDK's retry policy. One warm-
 first. ``--max-seconds`` bounds the whole run: a level that would start past it is skipped and
 unfinished clients are cancelled, and the JSON/table say so. Only loopback addresses are used.
 
+``--replicas 2`` starts ``refine-tta serve --replicas 2`` instead (two replicas under Ray Serve,
+one CPU thread each, session-affine routing; docs/ray.md); its wait for health includes Ray's
+start. Its queue size is per replica.
+
     python -m benchmarks.load                  # ~4 min on 2 CPU cores with the default model
+    python -m benchmarks.load --replicas 2 --out benchmarks/results/load_2_replicas.json
 """
 
 from __future__ import annotations
@@ -61,12 +66,13 @@ def free_port() -> int:
 
 
 def start_server(model: str, device: str, queue_size: int, state_dir: Path,
-                 log_path: Path) -> tuple[subprocess.Popen, str]:
-    """``python -m server.cli serve`` on a free loopback port; returns the process and its base URL."""
+                 log_path: Path, replicas: int = 1) -> tuple[subprocess.Popen, str]:
+    """``python -m server.cli serve`` on a free loopback port; returns the process and its base URL.
+    ``replicas`` > 1: that many replicas under Ray Serve (one CPU thread each)."""
     port = free_port()
     cmd = [sys.executable, "-m", "server.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
            "--state-dir", str(state_dir), "--queue-size", str(queue_size), "--device", device,
-           "--log-level", "warning"]
+           "--log-level", "warning", "--replicas", str(replicas)]
     log = open(log_path, "w")
     proc = subprocess.Popen(cmd, cwd=bc.REPO_ROOT, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -189,7 +195,7 @@ def level_summary(n: int, stats: LevelStats, wall: float, skipped: bool = False)
             "document_tokens_median": bc.median(stats.document_tokens) if stats.document_tokens else 0}
 
 
-def load_table(levels: list[dict]) -> dict:
+def load_table(levels: list[dict], replicas: int = 1) -> dict:
     def lat(level, kind):
         p = level["latency_s"][kind]
         return "-" if p["p50"] != p["p50"] else f"{p['p50']:.2f} / {p['p90']:.2f} / {p['p99']:.2f}"
@@ -204,7 +210,8 @@ def load_table(levels: list[dict]) -> dict:
                      str(sum(lv["errors"].values())), str(sum(lv["rate_limited_retried"].values()))])
     cols = ["clients", "wall s", "finished", "requests/s", "adapts/s", "adapt s p50 / p90 / p99",
             "generate s p50 / p90 / p99", "errors", "429s (retried)"]
-    return bc.table("Concurrent clients: adapt + generates + delete each", cols, rows)
+    where = f" ({replicas} replicas, Ray Serve)" if replicas > 1 else ""
+    return bc.table(f"Concurrent clients{where}: adapt + generates + delete each", cols, rows)
 
 
 def plot(levels: list[dict], path: Path, title: str) -> None:
@@ -259,6 +266,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--url", default=None, help="use the server already running there (loopback only)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="replicas of the server started here (> 1: under Ray Serve, one thread each; docs/ray.md)")
     p.add_argument("--clients", default="1,4,16,32", help="client counts, one level each")
     p.add_argument("--doc-tokens", type=int, default=512)
     p.add_argument("--mode", default="refine", choices=["refine", "sft", "none"])
@@ -289,7 +298,7 @@ def main(argv=None) -> int:
         proc, log_path = None, Path(tmp) / "server.log"
         url = args.url
         if url is None:
-            proc, url = start_server(model, args.device, queue_size, Path(tmp) / "state", log_path)
+            proc, url = start_server(model, args.device, queue_size, Path(tmp) / "state", log_path, args.replicas)
         try:
             t = time.monotonic()
             health = wait_healthy(url, proc, args.startup_timeout, log_path if proc else None)
@@ -301,10 +310,12 @@ def main(argv=None) -> int:
                 stop_server(proc)
     result = bc.new_result("load", args.device, command=args.command)
     result.update(server={"url": url if args.url else "subprocess on 127.0.0.1", "health": health,
-                          "queue_size": None if args.url else queue_size, "startup_s": startup_s},
+                          "queue_size": None if args.url else queue_size, "startup_s": startup_s,
+                          "replicas": None if args.url else args.replicas},
                   workload={"doc_tokens": args.doc_tokens, "mode": args.mode, "steps": args.steps,
                             "generates": args.generates, "max_tokens": args.max_tokens},
-                  max_seconds=args.max_seconds, levels=levels, tables=[load_table(levels)],
+                  max_seconds=args.max_seconds, levels=levels,
+                  tables=[load_table(levels, 1 if args.url else args.replicas)],
                   plot=bc.plot_path(args.out).name)
     if any(lv["skipped"] or lv["clients_finished"] < lv["clients"] for lv in levels):
         result["notes"].append(f"--max-seconds {args.max_seconds:g} reached: some clients or levels did not run")
@@ -312,7 +323,8 @@ def main(argv=None) -> int:
     if n_err:
         result["notes"].append(f"{n_err} requests failed: " + "; ".join(
             s for lv in levels for s in lv["error_samples"])[:600])
-    plot(levels, bc.plot_path(args.out), f"{health.get('model')} on {health.get('device')}: "
+    replicas = f", {args.replicas} replicas" if args.replicas > 1 and not args.url else ""
+    plot(levels, bc.plot_path(args.out), f"{health.get('model')} on {health.get('device')}{replicas}: "
                                          f"{args.doc_tokens}-token documents, {args.steps} {args.mode} steps")
     bc.print_result(result)
     bc.write_result(result, args.out, t0)

@@ -59,12 +59,13 @@ def heldout_perplexity(model, tok, texts, windows: int, seed: int) -> dict:
 
 
 def retrieval(model, tok, texts, length: int, n_docs: int, seed: int) -> dict:
-    from refine_tta.model import SamplingConfig, generate, read_document
+    from refine_tta.engine.text import SamplingConfig, TextCodec, generate_text
+    from refine_tta.model import read_document
     from refine_tta.train.needles import filler_window, is_correct, make_needle_document
 
     rng = random.Random(seed * 100003 + length)
     cfg = SamplingConfig(max_new_tokens=24, stop=("\n",))
-    decode = lambda t: tok.decode(t, skip_special_tokens=True)  # noqa: E731
+    codec = TextCodec(tok)
     hits, examples = 0, []
     for _ in range(n_docs):
         doc = make_needle_document(rng, filler_window(rng, texts, length * 6), n_needles=3, target_tokens=length,
@@ -72,7 +73,7 @@ def retrieval(model, tok, texts, length: int, n_docs: int, seed: int) -> dict:
         context = tok.encode(doc.context)
         question = tok.encode(doc.text[len(doc.context):], add_special_tokens=False)
         state = read_document(model, torch.tensor([context]))
-        out = generate(model, state, question, cfg, decode, tok.eos_token_id)
+        out = generate_text(model, state, question, cfg, codec)
         ok = is_correct(out.text, doc.answer)
         hits += ok
         if len(examples) < 3:

@@ -33,7 +33,17 @@ SECTIONS = {
     "adapt_step": "python -m benchmarks.adapt_step",
     "ruler": "python -m benchmarks.ruler",
     "latency": "python -m benchmarks.latency",
+    "decode_batch": "python -m benchmarks.decode_batch",
     "load": "python -m benchmarks.load",
+    "latency_lact": "python -m benchmarks.latency --model benchmarks/configs/lact-small --tokenizer "
+                    "models/refine-tiny-deltanet --lengths 1024,4096,8192 --out benchmarks/results/latency_lact.json",
+    "adapt_step_lact": "python -m benchmarks.adapt_step --model benchmarks/configs/lact-small --tokenizer "
+                       "models/refine-tiny-deltanet --lengths 1024 --ns 1,4 --repeats 1 "
+                       "--out benchmarks/results/adapt_step_lact.json",
+    "load_1_replica": "python -m benchmarks.load --clients 1,4,8 --out benchmarks/results/load_1_replica.json",
+    "load_2_replicas": "python -m benchmarks.load --replicas 2 --clients 1,4,8 "
+                       "--out benchmarks/results/load_2_replicas.json",
+    "session_move": "python -m benchmarks.session_move",
     "gpu": "bash benchmarks/gpu.sh   # on a CUDA machine",
 }
 MARKER = re.compile(r"(<!-- results:(?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)

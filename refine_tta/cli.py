@@ -120,16 +120,15 @@ def cmd_ask(args) -> int:
     tok = loaded.tokenizer
     ids = tok.encode(document)
     cfg.validate_document(len(ids))
-    from refine_tta.model import SamplingConfig, generate
+    from refine_tta.engine.text import SamplingConfig, TextCodec, generate_text
     from refine_tta.refine.loop import adapt
 
     bar, on_step = _progress(cfg.steps, cfg.mode, disable=cfg.mode == "none")
     result = adapt(loaded.model, torch.tensor([ids], device=loaded.device), cfg, on_step=on_step)
     bar.close()
     prompt = tok.encode(args.question, add_special_tokens=False)
-    with result.delta.applied(loaded.model):
-        gen = generate(loaded.model, result.state, prompt, SamplingConfig(max_new_tokens=args.max_tokens, stop=("\n",)),
-                       lambda t: tok.decode(t, skip_special_tokens=True), tok.eos_token_id)
+    gen = generate_text(loaded.model, result.state, prompt, SamplingConfig(max_new_tokens=args.max_tokens, stop=("\n",)),
+                        TextCodec(tok), weights=result.delta)
     _print_result(cfg.mode, result, gen, args.json)
     return 0
 

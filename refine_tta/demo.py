@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from refine_tta.model import SamplingConfig, generate, read
+from refine_tta.engine.text import SamplingConfig, TextCodec, generate_text
+from refine_tta.model import read
 from refine_tta.model.loading import LoadedModel
 from refine_tta.model.state import DocumentState
 from refine_tta.refine.config import RefineConfig
@@ -117,8 +118,7 @@ def run_mode(loaded: LoadedModel, doc: DemoDocument, config: RefineConfig, max_n
     sampling = SamplingConfig(max_new_tokens=max_new_tokens, stop=("\n",))
     with result.delta.applied(loaded.model):
         score = score_answer(loaded.model, result.state, doc.prompt_ids, doc.answer_ids)
-        gen = generate(loaded.model, result.state, doc.prompt_ids, sampling,
-                       lambda t: tok.decode(t, skip_special_tokens=True), tok.eos_token_id)
+    gen = generate_text(loaded.model, result.state, doc.prompt_ids, sampling, TextCodec(tok), weights=result.delta)
     total = result.stats["total"]
     return DemoRow(config.mode, total["steps"], score, gen.text.strip(), is_correct(gen.text, doc.answer),
                    total["seconds_adapt"], total["state_bytes"], total["delta_bytes"],

@@ -12,11 +12,14 @@ from server.runtime import Loader, Runtime
 from server.settings import ServerSettings
 
 
-def create_app(settings: ServerSettings | None = None, *, loader: Loader | None = None) -> FastAPI:
+def create_app(settings: ServerSettings | None = None, *, loader: Loader | None = None,
+               shared_state_dir: bool = False) -> FastAPI:
     """A refine-tta server. ``loader(settings) -> LoadedModel`` replaces the default model loading
-    (``load_model(settings.model, ...)``); the model is loaded when the app starts (lifespan)."""
+    (``load_model(settings.model, ...)``); the model is loaded when the app starts (lifespan).
+    ``shared_state_dir``: one of several replicas on one state directory (a shared lock; see
+    docs/session-storage.md), instead of its only server (an exclusive lock)."""
     settings = settings if settings is not None else ServerSettings()
-    runtime = Runtime(settings, loader)
+    runtime = Runtime(settings, loader, shared_state_dir=shared_state_dir)
     docs = settings.docs
     app = FastAPI(title="refine-tta", summary="Test-time adaptation server for fast-weight language models",
                   version="0.1.0", lifespan=runtime.lifespan, docs_url="/docs" if docs else None,

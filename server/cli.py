@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP server",
                                 description="Run the refine-tta HTTP server (docs/http-api.md, docs/server.md).")
     _add_setting_options(serve)
+    serve.add_argument("--replicas", type=int, default=1, metavar="N",
+                       help="N > 1: N replicas under Ray Serve with session-affine routing over one shared "
+                            "--state-dir (needs the [ray] extra; docs/ray.md). Default 1: this process alone")
     sessions = commands.add_parser(
         "sessions", help="list, adopt or delete stored sessions (an operator's tool; stop the server first)",
         description="Sessions made without --api-key have no owner; under key auth nobody can use them. "
@@ -201,16 +204,34 @@ def preflight(settings) -> socket.socket:
 
 
 # ---------------------------------------------------------------------------------------- serve
+def serve_replicas(settings, sock: socket.socket, replicas: int) -> int:
+    """Hand over to Ray Serve on the address preflight bound (Ray's proxy binds it again), which
+    is imported only here: the single-process path never loads Ray."""
+    host, port = sock.getsockname()[:2]
+    sock.close()
+    try:
+        from server.ray_app import serve_replicas as run
+    except ImportError as exc:
+        print(f"refine-tta serve: --replicas {replicas} needs Ray Serve ({exc}); install it with "
+              "pip install 'refine-tta[ray]'", file=sys.stderr)
+        return 2
+    return run(settings.model_copy(update={"port": port}), replicas)
+
+
 def serve(args: argparse.Namespace) -> int:
     from server.settings import ServerSettings
 
     try:
+        if args.replicas < 1:
+            raise StartupError(f"--replicas must be at least 1, got {args.replicas}")
         settings = load_settings(_overrides(args, list(ServerSettings.model_fields)))
         sock = preflight(settings)
     except StartupError as exc:
         print(f"refine-tta serve: {exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.replicas > 1:
+        return serve_replicas(settings, sock, args.replicas)
     from refine_tta.threads import configure_threads
 
     threads = configure_threads(settings.threads)  # before torch loads (nothing above imported it)

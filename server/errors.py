@@ -55,6 +55,12 @@ class BadParameter(Exception):
         super().__init__(message)
 
 
+def bad_sampling(exc: ValueError) -> BadParameter:
+    """A 400 for a sampling value the library refused, naming the parameter its message is about."""
+    param = next((p for p in ("temperature", "top_p", "seed", "stop") if p in str(exc)), None)
+    return BadParameter(str(exc), param)
+
+
 class BodyTooLarge(Exception):
     def __init__(self, limit: int, size: int | None = None):
         self.limit, self.size = limit, size

@@ -30,7 +30,8 @@ class _EngineCollector(Collector):
             return
         gauges = {
             "refine_tta_queue_depth": ("jobs waiting in the work queue", m.queue_depth),
-            "refine_tta_jobs_running": ("jobs running on the worker (0 or 1)", m.running),
+            "refine_tta_jobs_running": ("jobs running on the worker (an adaptation or other exclusive job, plus the "
+                                        "generations decoding in the batch)", m.running),
             "refine_tta_sessions": ("sessions held (memory or disk)", m.sessions),
             "refine_tta_sessions_in_memory": ("sessions whose tensors are in memory", m.sessions_loaded),
             "refine_tta_session_bytes": ("bytes of session tensors in memory", m.session_bytes),
@@ -45,6 +46,8 @@ class _EngineCollector(Collector):
             "refine_tta_generations": ("generations run", m.generations_total),
             "refine_tta_generated_tokens": ("tokens generated", m.generated_tokens_total),
             "refine_tta_generation_seconds": ("seconds spent generating", m.generation_seconds_total),
+            "refine_tta_decode_steps": ("batched decoding steps (one token for every running generation)",
+                                        m.decode_steps_total),
             "refine_tta_jobs_cancelled": ("jobs cancelled (client gone or shutdown)", m.cancelled_total),
             "refine_tta_jobs_failed": ("jobs that failed", m.failed_total),
             "refine_tta_jobs_rejected": ("jobs refused because the queue was full", m.rejected_total),

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
+import uuid
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
@@ -30,8 +32,15 @@ from refine_tta.engine import (
     TokenScores,
     is_session_id,
 )
-from server.errors import BadParameter
-from server.schemas import MAX_CHOICES, CompletionChoice, CompletionLogprobs, CompletionRequest
+from server.errors import BadParameter, bad_sampling
+from server.schemas import (
+    MAX_CHOICES,
+    Completion,
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionRequest,
+    CompletionUsage,
+)
 from server.streaming import wait_for_job
 
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
@@ -75,8 +84,7 @@ def sampling_of(engine: Engine, body: CompletionRequest, seed: int) -> SamplingC
         return SamplingConfig(max_new_tokens=max(max_tokens, 1), temperature=body.temperature, top_p=body.top_p,
                               seed=seed, stop=tuple(body.stops))
     except ValueError as exc:
-        param = next((p for p in ("temperature", "top_p", "seed", "stop") if p in str(exc)), None)
-        raise BadParameter(str(exc), param) from None
+        raise bad_sampling(exc) from None
 
 
 @dataclass
@@ -190,3 +198,35 @@ def choices(prompts: list[Prompt], results: list[GenerationResult | None], logpr
 
 def new_seed(body: CompletionRequest) -> int:
     return body.seed if body.seed is not None else secrets.randbelow(2**31)
+
+
+def usage(prompts: list[Prompt], results: list[GenerationResult | None]) -> CompletionUsage:
+    prompt_tokens = sum(len(p.ids) for p in prompts)
+    completion_tokens = sum(len(r.tokens) for r in results if r is not None)
+    return CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                           total_tokens=prompt_tokens + completion_tokens)
+
+
+class CompletionBodies:
+    """The bodies of one OpenAI completion (one id and creation time): whole, or as stream chunks."""
+
+    def __init__(self, model: str, include_usage: bool):
+        self.id, self.created, self.model = "cmpl-" + uuid.uuid4().hex, int(time.time()), model
+        self.include_usage = include_usage
+
+    def _body(self, choices: list[CompletionChoice], usage: CompletionUsage | None = None) -> Completion:
+        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=choices)
+
+    def whole(self, prompts: list[Prompt], results: list[GenerationResult | None],
+              logprobs: list[CompletionLogprobs | None], body: CompletionRequest) -> Completion:
+        return self._body(choices(prompts, results, logprobs, body), usage(prompts, results))
+
+    def chunk(self, text: str, finish: str | None) -> str:
+        return self._body([CompletionChoice(text=text, finish_reason=finish)]).model_dump_json(exclude_none=True)
+
+    def last_chunks(self, prompt: Prompt, result: GenerationResult) -> list[dict[str, str]]:
+        """The stream's end: the finish reason, the usage chunk (if asked for), ``[DONE]``."""
+        events = [{"data": self.chunk("", FINISH[result.finish_reason])}]
+        if self.include_usage:
+            events.append({"data": self._body([], usage([prompt], [result])).model_dump_json()})
+        return events + [{"data": "[DONE]"}]

@@ -32,9 +32,9 @@ from server.settings import ServerSettings
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from refine_tta.engine import Engine, SessionStore, StateDirLock
-    from refine_tta.model.loading import LoadedModel
+    from refine_tta.engine import Engine, LoadedModel, SessionStore, StateDirLock
     from refine_tta.threads import ThreadPolicy
+    from server.serving import Serving
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def resolve_device(requested: str) -> tuple[str, str]:
 
 def load_for_settings(settings: ServerSettings) -> LoadedModel:
     """Load ``settings.model`` on the configured device (logged with the reason)."""
-    from refine_tta.model.loading import load_model
+    from refine_tta.engine import load_model
 
     device, reason = resolve_device(settings.device)
     log.info("loading %s on %s (%s)", settings.model, device, reason)
@@ -69,10 +69,12 @@ class Runtime:
 
     retry_after_loading = 5.0
 
-    def __init__(self, settings: ServerSettings, loader: Loader | None = None):
+    def __init__(self, settings: ServerSettings, loader: Loader | None = None, *, shared_state_dir: bool = False):
         self.settings = settings
         self.loader = loader or load_for_settings
+        self.shared_state_dir = shared_state_dir  # one replica of several on one directory (server.ray_app)
         self.engine: Engine | None = None
+        self.serving: Serving | None = None  # the routes' object, once the engine runs
         self.lock: StateDirLock | None = None
         self.error: str | None = None
         self.started_at = time.time()
@@ -141,7 +143,10 @@ class Runtime:
         if self._closing:
             engine.stop()
             return
+        from server.serving import Serving
+
         self.engine = engine
+        self.serving = Serving(engine, s.adapt_defaults, self.started_at)
         log.info("%s", self.summary(loaded, store))
         self.warn_unowned(store)
 
@@ -181,10 +186,11 @@ class Runtime:
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI) -> AsyncIterator[None]:
-        from refine_tta.engine import StateDirLock, StateDirLocked
+        from refine_tta.engine import LockMode, StateDirLock, StateDirLocked
 
+        mode = LockMode.SHARED if self.shared_state_dir else LockMode.EXCLUSIVE
         try:
-            self.lock = StateDirLock.acquire(self.settings.state_dir)
+            self.lock = StateDirLock.acquire(self.settings.state_dir, mode)
         except StateDirLocked as exc:
             log.error("refusing to start: %s", exc)
             raise
@@ -195,7 +201,7 @@ class Runtime:
         finally:
             self.begin_shutdown()
             await loading  # a thread cannot be interrupted; loading ends on its own
-            engine, self.engine = self.engine, None
+            engine, self.engine, self.serving = self.engine, None, None
             if engine is not None:
                 await asyncio.to_thread(engine.stop)
             self.lock.release()

@@ -11,11 +11,12 @@ and the engine and come back as 400 ``invalid_request`` with their message.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model, field_validator
 
-from refine_tta.engine import GenerationResult, Session
+from refine_tta.engine import GenerationResult, RefineConfig, Session
 
 _STRICT = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
 MAX_SEED = 2**63 - 1
@@ -59,38 +60,57 @@ def _stops(value: list[str] | str | None) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------- /v1/adapt
-class AdaptSettings(BaseModel):
-    """RefineConfig fields a request may set; absent fields take the server's defaults. Ranges are
-    what the HTTP API accepts (the server's limits, e.g. ``max_steps``, may be lower)."""
-
+class _SettingsBase(BaseModel):
     model_config = _STRICT
-
-    mode: Literal["refine", "sft", "none"] | None = None
-    steps: IntIn(0, 100_000) | None = None
-    lr: float | None = Field(None, gt=0.0, le=1.0)
-    weight_decay: float | None = Field(None, ge=0.0, le=10.0)
-    grad_clip: float | None = Field(None, gt=0.0, le=1e6)
-    n_chunks: IntIn(1, 100_000) | None = None
-    k: IntIn(1, 100_000) | None = None
-    n: IntIn(1, 100_000) | None = None
-    selection: Literal["entropy", "uniform", "argmax", "argmin"] | None = None
-    reward: Literal["cosine", "binary", "hybrid"] | None = None
-    sft_coef: float | None = Field(None, ge=0.0, le=1e3)
-    ppo_coef: float | None = Field(None, ge=0.0, le=1e3)
-    clip_low: float | None = Field(None, gt=0.0, le=1.0)
-    clip_high: float | None = Field(None, gt=0.0, le=1.0)
-    dual_clip: float | None = Field(None, gt=1.0, le=1e3)
-    temperature: float | None = Field(None, ge=1e-3, le=100.0)
-    edge_margin: IntIn(0, 1_000_000) | None = None
-    scope: Literal["full", "lora", "layers"] | None = None
-    lora_rank: IntIn(1, 100_000) | None = None
-    lora_alpha: float | None = Field(None, gt=0.0, le=1e6)
-    lora_targets: list[NonEmpty] | None = Field(None, min_length=1, max_length=64)
-    layers: list[IntIn(0, 10_000)] | None = Field(None, min_length=1, max_length=10_000)
-    seed: IntIn(0, MAX_SEED) | None = None
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
+
+
+# What the HTTP API accepts for each RefineConfig field (the server's limits, e.g. max_steps, may be
+# lower). Ranges are published in the OpenAPI schema; checks across fields or against the model
+# stay in RefineConfig and the engine (400 with their message).
+_SETTING_TYPES: dict[str, Any] = {
+    "mode": Literal["refine", "sft", "none"],
+    "steps": IntIn(0, 100_000),
+    "lr": Annotated[float, Field(gt=0.0, le=1.0)],
+    "weight_decay": Annotated[float, Field(ge=0.0, le=10.0)],
+    "grad_clip": Annotated[float, Field(gt=0.0, le=1e6)],
+    "n_chunks": IntIn(1, 100_000),
+    "k": IntIn(1, 100_000),
+    "n": IntIn(1, 100_000),
+    "selection": Literal["entropy", "uniform", "argmax", "argmin"],
+    "reward": Literal["cosine", "binary", "hybrid"],
+    "sft_coef": Annotated[float, Field(ge=0.0, le=1e3)],
+    "ppo_coef": Annotated[float, Field(ge=0.0, le=1e3)],
+    "clip_low": Annotated[float, Field(gt=0.0, le=1.0)],
+    "clip_high": Annotated[float, Field(gt=0.0, le=1.0)],
+    "dual_clip": Annotated[float, Field(gt=1.0, le=1e3)],
+    "temperature": Annotated[float, Field(ge=1e-3, le=100.0)],
+    "edge_margin": IntIn(0, 1_000_000),
+    "scope": Literal["full", "lora", "layers"],
+    "lora_rank": IntIn(1, 100_000),
+    "lora_alpha": Annotated[float, Field(gt=0.0, le=1e6)],
+    "lora_targets": Annotated[list[NonEmpty], Field(min_length=1, max_length=64)],
+    "layers": Annotated[list[IntIn(0, 10_000)], Field(min_length=1, max_length=10_000)],
+    "seed": IntIn(0, MAX_SEED),
+}
+
+
+def _settings_model() -> type[_SettingsBase]:
+    """RefineConfig's fields, in its order, each optional (absent = the server's default) with its
+    HTTP type and range from ``_SETTING_TYPES`` (a RefineConfig field without one is an error here)."""
+    names = [f.name for f in dataclasses.fields(RefineConfig)]
+    if set(names) != set(_SETTING_TYPES):
+        raise TypeError(f"server/schemas.py _SETTING_TYPES must cover exactly RefineConfig's fields: missing "
+                        f"{sorted(set(names) - set(_SETTING_TYPES))}, extra {sorted(set(_SETTING_TYPES) - set(names))}")
+    fields = {name: (_SETTING_TYPES[name] | None, None) for name in names}
+    return create_model("AdaptSettings", __base__=_SettingsBase, __doc__="RefineConfig fields a request may set; "
+                        "absent fields take the server's defaults. Ranges are what the HTTP API accepts (the "
+                        "server's limits, e.g. max_steps, may be lower).", **fields)
+
+
+AdaptSettings = _settings_model()
 
 
 class AdaptRequest(BaseModel):

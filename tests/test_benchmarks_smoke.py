@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks import latency, quality, report
+from benchmarks import adapt_step, decode_batch, latency, quality, report
 
 REPO = Path(__file__).resolve().parents[1]
 TOKENIZER_DIR = REPO / "models" / "refine-tiny-deltanet"
@@ -103,6 +103,53 @@ def test_latency_smoke(micro_model, tmp_path):
     assert {"read_s", "ttft_s", "tokens_per_s", "state_bytes"} <= set(row["state"])
     assert {"ttft_s", "tokens_per_s"} <= set(row["reread"])
     assert row["state"]["state_bytes"] == result["rows"][1]["state"]["state_bytes"]  # state size is length-free
+
+
+LACT_CONFIG = REPO / "benchmarks" / "configs" / "lact-small"
+
+
+def test_latency_and_adapt_step_accept_the_lact_config(tmp_path):
+    """The small LaCT configuration (config.json only: random weights) with the shipped tokenizer."""
+    out = tmp_path / "latency.json"
+    assert latency.main(["--model", str(LACT_CONFIG), "--tokenizer", str(TOKENIZER_DIR), "--lengths", "64",
+                         "--reps", "1", "--max-new-tokens", "3", "--out", str(out)]) == 0
+    result = read_result(out)
+    assert result["model"]["model_type"] == "lact_swiglu" and result["model"]["weights"] != "trained"
+    assert result["rows"][0]["state"]["state_bytes"] > 0
+    out = tmp_path / "adapt_step.json"
+    assert adapt_step.main(["--model", str(LACT_CONFIG), "--tokenizer", str(TOKENIZER_DIR), "--lengths", "96",
+                            "--ns", "1", "--n-chunks", "2", "--repeats", "1", "--out", str(out)]) == 0
+    result = read_result(out)
+    assert result["model"]["model_type"] == "lact_swiglu"
+    (row,) = result["rows"]
+    assert row["ratio"] > 0 and row["refine_over_ntp"] > 0 and row["same_rollouts"] is True
+
+
+def test_decode_batch_smoke(micro_model, tmp_path):
+    out = tmp_path / "decode_batch.json"
+    assert decode_batch.main(["--model", str(micro_model), "--sessions", "1,3", "--doc-tokens", "64", "--reps", "1",
+                              "--max-new-tokens", "4", "--out", str(out)]) == 0
+    result = read_result(out)
+    assert [r["sessions"] for r in result["rows"]] == [1, 3]
+    assert all(r["same_tokens"] for r in result["rows"])
+    assert result["rows"][1]["generated_tokens"] == 3 * 4 and result["rows"][1]["batched_steps"] == 4
+
+
+def test_adapt_step_smoke(micro_model, tmp_path):
+    from benchmarks import adapt_step
+
+    out = tmp_path / "adapt_step.json"
+    assert adapt_step.main(["--model", str(micro_model), "--lengths", "96", "--ns", "1", "--repeats", "1",
+                            "--threads", "1", "--out", str(out)]) == 0
+    result = read_result(out)
+    (row,) = result["rows"]
+    assert {"ntp", "branch", "reference"} <= set(row)
+    assert row["same_positions"] is True and row["same_rollouts"] is True  # the paths differ in cost only
+    for key in ("ratio", "refine_over_ntp", "ratio_cpu", "refine_over_ntp_cpu"):
+        assert row[key] > 0, key
+    assert row["branch"]["tokens_processed"] < row["reference"]["tokens_processed"]
+    assert "score" not in row["branch"]["phases_s"] and "score" in row["reference"]["phases_s"]
+    assert result["tables"][0]["columns"][-2:] == ["reference / branch (CPU s)", "branch / NTP (CPU s)"]
 
 
 def test_report_renders_results(quality_out, tmp_path):

@@ -18,10 +18,13 @@ from refine_tta.engine import (
     LimitExceeded,
     NotFound,
     QueueFull,
+    SamplingConfig,
     SessionStore,
+    TextCodec,
     Unavailable,
+    generate_text,
 )
-from refine_tta.model import SamplingConfig, generate, load_model
+from refine_tta.model import load_model
 from refine_tta.model.loading import weights_hash
 from refine_tta.refine.config import RefineConfig
 
@@ -64,10 +67,8 @@ def test_adapt_then_generate_equals_the_library_and_leaves_the_base_model(engine
     # The same through the library: the session's delta applied, its state, the prompt without BOS.
     full = engine.sessions.get(session.id, None)
     prompt_ids = loaded.tokenizer(" The keeper", add_special_tokens=False)["input_ids"]
-    with full.delta.applied(loaded.model):
-        expected = generate(loaded.model, full.state, prompt_ids, SAMPLING,
-                            lambda ids: loaded.tokenizer.decode(ids, skip_special_tokens=True),
-                            loaded.tokenizer.eos_token_id)
+    expected = generate_text(loaded.model, full.state, prompt_ids, SAMPLING, TextCodec(loaded.tokenizer),
+                             weights=full.delta)
     assert (result.tokens, result.text) == (expected.tokens, expected.text)
     assert weights_hash(loaded.model) == base
 
@@ -85,8 +86,7 @@ def test_base_model_generation_reads_the_prompt_from_scratch(engine, loaded):
     result = engine.submit_generate(None, "The lighthouse", SAMPLING, None).result(60)
     ids = loaded.tokenizer("The lighthouse")["input_ids"]  # with BOS
     assert ids[0] == loaded.tokenizer.bos_token_id and result.prompt_tokens == len(ids)
-    expected = generate(loaded.model, None, ids, SAMPLING,
-                        lambda t: loaded.tokenizer.decode(t, skip_special_tokens=True), loaded.tokenizer.eos_token_id)
+    expected = generate_text(loaded.model, None, ids, SAMPLING, TextCodec(loaded.tokenizer))
     assert result.tokens == expected.tokens
 
 

@@ -3,7 +3,10 @@
 * branch path == reference path: the shared-prefix branches give the same rollout tokens, old
   log-probs, rewards, losses and parameter gradients as re-reading every prefix (the paper's way),
   for n = 1 and 2, every reward kind, every scope, duplicate starts and L not a multiple of 64;
-  batched rollouts == one-at-a-time rollouts.
+  batched rollouts == one-at-a-time rollouts. And whole steps: the branch step, which selects from
+  its own read with gradients (no scoring read), picks the same positions, draws the same
+  rollouts and gives the same losses and gradients as the reference step, which selects from a
+  scoring read, on DeltaNet and Gated DeltaNet, traced and through boundary states.
 * isolation: adapt() leaves the base model bit-identical (also when cancelled), sessions do not
   depend on what was adapted before, the same seed gives the same session bit for bit.
 * a non-finite step is skipped and reported; config validation; statistics.
@@ -27,7 +30,7 @@ import pytest
 import torch
 from torch.nn.utils import parametrize
 
-from refine_tta.model.generation import SamplingConfig, generate
+from refine_tta.model.decoding import TokenSampling, generate_tokens
 from refine_tta.model.loading import prepare_model, register_fla_models
 from refine_tta.model.runtime import read, read_document
 from refine_tta.refine import objective as obj
@@ -40,6 +43,9 @@ from refine_tta.refine.loop import (
     _Clock,
     _reference_losses,
     adapt,
+    branch_step_inputs,
+    final_read,
+    score_document,
     step_inputs,
 )
 
@@ -184,6 +190,106 @@ def test_branch_equals_reference_gated_deltanet():
     assert sb["policy_loss"] == pytest.approx(sr["policy_loss"], rel=VALUE_TOL, abs=VALUE_TOL)
     for a, b in zip(gb, gr):
         torch.testing.assert_close(a, b, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+def both_steps(model, ids, cfg, seed=0):
+    """A whole branch step (selecting from its own read) and a whole reference step (selecting
+    from a scoring read), from the same generator state, grads zeroed before each.
+
+    Returns (branch stats, reference stats, branch grads, reference grads, branch inputs,
+    reference inputs)."""
+    gen = torch.Generator().manual_seed(seed)
+    with trainable_scope(model, cfg, gen) as scope:
+        if cfg.scope == "lora":  # B = 0 at init would leave A's gradient at 0
+            with torch.no_grad():
+                for a in scope.lora.values():
+                    a.lora_B.copy_(0.05 * torch.randn(a.lora_B.shape, generator=gen))
+        rng = gen.get_state()
+        xb, doc_read = branch_step_inputs(model, ids, cfg, gen)
+        sb = _branch_losses(model, ids, cfg, xb.starts, xb.uniforms, xb.true, xb.h_true, xb.groups,
+                            _Clock(ids.device), doc_read)
+        gb = [None if p.grad is None else p.grad.clone() for p in scope.params]
+        for p in scope.params:
+            p.grad = None
+        gen.set_state(rng)
+        xr = step_inputs(model, ids, cfg, gen)
+        sr = _reference_losses(model, ids, cfg, xr.starts, xr.uniforms, xr.true, xr.h_true, xr.groups,
+                               _Clock(ids.device))
+        gr = [None if p.grad is None else p.grad.clone() for p in scope.params]
+    return sb, sr, gb, gr, xb, xr
+
+
+def assert_same_step(sb, sr, gb, gr, xb, xr, cfg) -> None:
+    """Same positions, rollouts, rewards, losses and gradients (to fp32 rounding)."""
+    assert torch.equal(xb.selection.picked, xr.selection.picked)
+    assert torch.equal(xb.starts, xr.starts) and torch.equal(xb.uniforms, xr.uniforms)
+    torch.testing.assert_close(xb.score.entropy, xr.score.entropy, rtol=VALUE_TOL, atol=VALUE_TOL)
+    torch.testing.assert_close(xb.h_true, xr.h_true, rtol=VALUE_TOL, atol=VALUE_TOL)
+    assert xb.score.ntp == pytest.approx(xr.score.ntp, rel=VALUE_TOL)
+    assert sb["rollout_tokens"] == sr["rollout_tokens"]
+    for key in ("rollout_logp_mean", "ntp_loss", "policy_loss", "reward_mean", "reward_std", "binary_mean",
+                "exact_match_rate", "advantage_abs_mean", "clip_fraction", "approx_kl"):
+        assert sb[key] == pytest.approx(sr[key], rel=VALUE_TOL, abs=VALUE_TOL), key
+    assert float(sb["_loss"]) == pytest.approx(float(sr["_loss"]), rel=VALUE_TOL, abs=VALUE_TOL)
+    if cfg.reward != "binary":
+        assert sb["advantage_abs_mean"] > 0.1, "PPO term would carry no gradient"
+    assert len(gb) == len(gr) and len(gb) > 0
+    for i, (a, b) in enumerate(zip(gb, gr)):
+        assert (a is None) == (b is None), i
+        if a is not None:
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a, b, rtol=GRAD_RTOL, atol=GRAD_ATOL, msg=lambda m: f"param {i}: {m}")
+    assert max(float(g.abs().max()) for g in gb if g is not None) > 1e-3
+
+
+STEP_CASES = {
+    # id: (model family, L, RefineConfig kwargs, how the branch step gets its start states)
+    "delta-n1-full-cosine-L150": ("delta_net", 150, dict(n=1, reward="cosine"), "traced"),
+    "delta-n2-lora-hybrid-L171": ("delta_net", 171, dict(n=2, reward="hybrid", scope="lora", lora_rank=4), "traced"),
+    "delta-n2-layers1-hybrid-L130": ("delta_net", 130, dict(n=2, reward="hybrid", scope="layers", layers=(1,)),
+                                     "traced"),
+    "delta-n2-short-duplicate-starts-L53": ("delta_net", 53, dict(n=2, reward="hybrid"), "traced"),
+    "delta-n1-argmax-binary-L128": ("delta_net", 128, dict(n=1, reward="binary", selection="argmax"), "traced"),
+    "delta-n2-hybrid-L150-boundaries": ("delta_net", 150, dict(n=2, reward="hybrid"), "boundaries"),
+    "gated-n2-hybrid-L100": ("gated_deltanet", 100, dict(n=2, reward="hybrid", n_chunks=4, edge_margin=10),
+                             "traced"),
+    "gated-n1-lora-cosine-L150": ("gated_deltanet", 150, dict(n=1, reward="cosine", scope="lora", lora_rank=4),
+                                  "traced"),
+    "gated-n2-cosine-L97-boundaries": ("gated_deltanet", 97, dict(n=2, reward="cosine", n_chunks=4, edge_margin=8),
+                                       "boundaries"),
+}
+
+
+@pytest.fixture(scope="module")
+def gated_model():
+    return make_model("gated_deltanet")
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES), ids=list(STEP_CASES))
+def test_branch_step_equals_reference_step(model, gated_model, case):
+    """The exact variant: selecting from the read with gradients changes nothing but the cost."""
+    family, L, kw, how = STEP_CASES[case]
+    m = model if family == "delta_net" else gated_model
+    cfg = RefineConfig(k=5, n_chunks=kw.pop("n_chunks", 8), **kw)
+    ids = doc(L, seed=L + 1)
+    m.refine_tta_traceable = how == "traced"
+    try:
+        sb, sr, gb, gr, xb, xr = both_steps(m, ids, cfg)
+    finally:
+        m.refine_tta_traceable = True
+    if "duplicate" in case:
+        starts = xb.starts.tolist()
+        assert len(set(starts)) < len(starts), f"expected duplicate starts, got {starts}"
+    assert_same_step(sb, sr, gb, gr, xb, xr, cfg)
+
+
+def test_final_read_is_the_scoring_read_without_scores(model):
+    ids = doc(130, seed=9)
+    ntp, state = final_read(model, ids, segment_tokens=50)
+    score, scored_state = score_document(model, ids, segment_tokens=50)
+    assert ntp == pytest.approx(score.ntp, rel=1e-6)
+    assert_same_state(state, scored_state)
+    torch.testing.assert_close(state.next_logits, read_document(model, ids).next_logits, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 2])
@@ -427,9 +533,7 @@ def test_non_finite_step_is_skipped(model, how, monkeypatch):
     json.dumps(res.stats, allow_nan=False)  # strict JSON even with a skipped step
     assert all(torch.isfinite(t).all() for t in res.state.tensors())
     assert all(torch.isfinite(t).all() for t in res.delta.tensors.values())
-    with res.delta.applied(model):
-        out = generate(model, res.state, [1, 2, 3], SamplingConfig(max_new_tokens=4),
-                       decode=lambda toks: " ".join(map(str, toks)))
+    out = generate_tokens(model, res.state, [1, 2, 3], TokenSampling(max_new_tokens=4), weights=res.delta)
     assert len(out.tokens) == 4
 
 
@@ -487,8 +591,11 @@ def test_statistics(model, path):
         assert s["reward_mean"] == pytest.approx(s["binary_mean"] + s["cosine_mean"], abs=1e-5)
         assert s["reward_std"] >= 0 and 0 <= s["clip_fraction"] <= 1
         assert s["picked_entropy_mean"] > 0 and s["document_entropy_mean"] > 0
-        assert s["tokens_processed"] >= 2 * L + cfg.n_chunks * cfg.n * cfg.k
-        assert {"score", "select", "rollout", "backward", "update"} <= set(s["seconds_by_phase"])
+        assert s["tokens_processed"] >= (2 if path == "reference" else 1) * L + cfg.n_chunks * cfg.n * cfg.k
+        # the branch step reads the document once (no scoring read); the reference step scores it first
+        phases = {"branch": {"read", "select", "states", "rollout", "branch", "backward", "update"},
+                  "reference": {"score", "select", "read", "rollout", "old_logprobs", "backward", "update"}}[path]
+        assert set(s["seconds_by_phase"]) == phases
         assert all(v >= 0 for v in s["seconds_by_phase"].values())
         assert s["peak_memory_mb"] > 0
     assert steps[0]["approx_kl"] == pytest.approx(0.0, abs=1e-5)  # one epoch: ratio 1

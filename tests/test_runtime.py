@@ -12,9 +12,9 @@ import torch.nn.functional as F
 
 from refine_tta.model import (
     DocumentState,
-    SamplingConfig,
     fingerprint_model,
-    generate,
+    TokenSampling,
+    generate_tokens,
     prepare_model,
     read,
     read_document,
@@ -24,10 +24,6 @@ from refine_tta.model.loading import register_fla_models
 
 VOCAB = 128
 ATOL = 1e-5  # logits of these models are O(0.1-1); fp32 path differences are O(1e-7)
-
-
-def decode(ids: list[int]) -> str:
-    return "".join(chr(65 + i % 26) for i in ids)
 
 
 def build(model_type: str, seed: int = 0) -> torch.nn.Module:
@@ -205,8 +201,8 @@ def test_to_cache_hands_out_copies(doc_state):
 def test_generate_does_not_modify_state(model, doc_state):
     state = doc_state[0]
     before = snapshot(state)
-    generate(model, state, [5, 6], SamplingConfig(max_new_tokens=4), decode)
-    generate(model, state, [], SamplingConfig(max_new_tokens=4, temperature=1.0), decode)
+    generate_tokens(model, state, [5, 6], TokenSampling(max_new_tokens=4))
+    generate_tokens(model, state, [], TokenSampling(max_new_tokens=4, temperature=1.0))
     assert_unchanged(state, before)
 
 
@@ -287,20 +283,19 @@ def gen_setup(model):
 
 def test_greedy_generate_equals_transformers_generate(model, gen_setup):
     state, doc, prompt = gen_setup
-    cfg = SamplingConfig(max_new_tokens=12)
     eos = model.config.eos_token_id
-    ours = generate(model, state, prompt, cfg, decode, eos_token_id=eos)
+    cfg = TokenSampling(max_new_tokens=12, stop_token_ids={eos})
+    ours = generate_tokens(model, state, prompt, cfg)
     assert ours.tokens == hf_greedy(model, torch.cat([doc, torch.tensor([prompt])], dim=1), 12)
     assert ours.prompt_tokens == len(prompt)
     # An empty prompt continues straight from the document's next-token logits.
-    ours_empty = generate(model, state, [], cfg, decode, eos_token_id=eos)
+    ours_empty = generate_tokens(model, state, [], cfg)
     assert ours_empty.tokens == hf_greedy(model, doc, 12)
 
 
 def test_sampling_is_seeded(model, gen_setup):
     state, _, prompt = gen_setup
-    run = lambda seed: generate(model, state, prompt, SamplingConfig(max_new_tokens=10, temperature=1.0, seed=seed),
-                                decode).tokens
+    run = lambda seed: generate_tokens(model, state, prompt, TokenSampling(10, temperature=1.0, seed=seed)).tokens
     first = run(7)
     assert run(7) == first
     assert run(8) != first
@@ -309,38 +304,31 @@ def test_sampling_is_seeded(model, gen_setup):
 
 def test_tiny_top_p_is_greedy(model, gen_setup):
     state, _, prompt = gen_setup
-    greedy = generate(model, state, prompt, SamplingConfig(max_new_tokens=8), decode).tokens
-    nucleus = generate(model, state, prompt, SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=1e-6, seed=3),
-                       decode).tokens
+    greedy = generate_tokens(model, state, prompt, TokenSampling(max_new_tokens=8)).tokens
+    nucleus = generate_tokens(model, state, prompt, TokenSampling(8, temperature=1.0, top_p=1e-6, seed=3)).tokens
     assert nucleus == greedy
 
 
-def test_stop_string_cuts_the_text(model, gen_setup):
+def test_on_token_can_stop(model, gen_setup):
     state, _, prompt = gen_setup
-    free = generate(model, state, prompt, SamplingConfig(max_new_tokens=10), decode)
-    assert free.finish_reason == "length" and free.text == decode(free.tokens)
-    stop = free.text[4:6]
-    cut = free.text.find(stop)
-    pieces = []
-    stopped = generate(model, state, prompt, SamplingConfig(max_new_tokens=10, stop=(stop,)), decode,
-                       on_text=lambda piece, _: pieces.append(piece))
-    assert stopped.finish_reason == "stop"
-    assert stopped.text == free.text[:cut] and stop not in stopped.text
-    assert stopped.tokens == free.tokens[:len(stopped.tokens)] and len(stopped.tokens) <= cut + len(stop)
-    assert "".join(pieces) == stopped.text, "streamed pieces add up to the final text"
+    free = generate_tokens(model, state, prompt, TokenSampling(max_new_tokens=10))
+    seen: list[int] = []
+    stopped = generate_tokens(model, state, prompt, TokenSampling(max_new_tokens=10),
+                              on_token=lambda t: seen.append(t) or len(seen) == 4)
+    assert stopped.finish_reason == "stop" and stopped.tokens == free.tokens[:4] == seen
 
 
 @pytest.mark.parametrize("n", [1, 3], ids=lambda n: f"max{n}")
 def test_max_new_tokens_is_respected(model, gen_setup, n):
     state, _, prompt = gen_setup
-    out = generate(model, state, prompt, SamplingConfig(max_new_tokens=n, temperature=1.0), decode)
+    out = generate_tokens(model, state, prompt, TokenSampling(max_new_tokens=n, temperature=1.0))
     assert len(out.tokens) == n and out.finish_reason == "length"
 
 
-def test_eos_ends_generation(model, gen_setup):
+def test_stop_token_ends_generation(model, gen_setup):
     state, _, prompt = gen_setup
-    free = generate(model, state, prompt, SamplingConfig(max_new_tokens=6), decode).tokens
-    out = generate(model, state, prompt, SamplingConfig(max_new_tokens=6), decode, eos_token_id=free[2])
+    free = generate_tokens(model, state, prompt, TokenSampling(max_new_tokens=6)).tokens
+    out = generate_tokens(model, state, prompt, TokenSampling(max_new_tokens=6, stop_token_ids={free[2]}))
     assert out.finish_reason == "eos"
     assert out.tokens == free[:free.index(free[2])]
 
@@ -353,7 +341,7 @@ def test_should_stop_cancels(model, gen_setup):
         polls.append(1)
         return len(polls) >= 3
 
-    out = generate(model, state, prompt, SamplingConfig(max_new_tokens=20), decode, should_stop=should_stop)
+    out = generate_tokens(model, state, prompt, TokenSampling(max_new_tokens=20), should_stop=should_stop)
     assert out.finish_reason == "cancelled"
     assert len(out.tokens) == 3
 
@@ -368,13 +356,14 @@ def test_document_is_never_reread(model, gen_setup, monkeypatch):
         return inner(*args, **kwargs)
 
     monkeypatch.setattr(model.model, "forward", counting_forward)
-    out = generate(model, state, prompt, SamplingConfig(max_new_tokens=8), decode)
+    out = generate_tokens(model, state, prompt, TokenSampling(max_new_tokens=8))
     assert len(out.tokens) == 8
     assert calls[0] == len(prompt) and max(calls) == len(prompt)
     assert sum(calls) <= len(prompt) + len(out.tokens)
 
 
-def test_sampling_config_validation():
-    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_p=1.5), dict(stop=("",))):
+def test_token_sampling_validation():
+    for bad in (dict(max_new_tokens=0), dict(temperature=-1.0), dict(temperature=1e-40), dict(top_p=0.0),
+                dict(top_p=1.5), dict(seed=-1), dict(seed=2**64)):
         with pytest.raises(ValueError):
-            SamplingConfig(**bad)
+            TokenSampling(**bad)

@@ -576,7 +576,8 @@ def server(tiny, tmp_path_factory):
 @slow
 def test_real_server_matches_the_engine(server, tiny, doc):
     from refine_tta.engine import Engine, SessionStore
-    from refine_tta.model import SamplingConfig, load_model
+    from refine_tta.engine import SamplingConfig
+    from refine_tta.model import load_model
     from refine_tta.refine.config import RefineConfig, preset
 
     settings = {"steps": 2, "seed": 7, "reward": "hybrid"}

@@ -565,3 +565,42 @@ def test_shared_mode_processes_see_each_others_writes_and_deletes(tmp_path):
     staging.mkdir()
     SessionStore(SessionStorage(tmp_path, FP, StateDirLock.acquire(tmp_path, LockMode.SHARED)))
     assert staging.is_dir()
+
+
+def test_replica_preloads_another_replicas_session_and_drops_it_once_deleted(tmp_path):
+    """What a replica of a deployment does (server.ray_app): load a session written by another
+    replica before serving it, release it when the router forgets it, drop it once deleted."""
+    a = SessionStore(SessionStorage(tmp_path, FP, StateDirLock.acquire(tmp_path, LockMode.SHARED)))
+    b = SessionStore(SessionStorage(tmp_path, FP, StateDirLock.acquire(tmp_path, LockMode.SHARED)))
+    s, t = make_session(1, owner="alice"), make_session(2)
+    a.put(s)
+    a.put(t)
+    assert a.take_new_ids() == [s.id, t.id] and a.take_new_ids() == []
+    assert b.take_new_ids() == []
+    assert a.preload(s.id) is False  # a wrote it: already in memory
+    assert (b.loaded_count, b.preload(s.id), b.loaded_count) == (0, True, 1)  # read and verified from disk
+    assert b.preload(s.id) is False
+    assert_same_tensors(b.get(s.id, "alice"), s)  # the request itself is still the owner's
+    with pytest.raises(NotFound):
+        b.get(s.id, None)
+    b.release(s.id)
+    assert b.loaded_count == 0 and s.id in b  # tensors dropped, still indexed; the next use reloads
+    assert b.preload(s.id) is True
+    b.preload(t.id)
+    a.delete(s.id, "alice")
+    assert b.drop_deleted() == [s.id]
+    assert b.loaded_count == 1 and s.id not in b and t.id in b
+    with pytest.raises(NotFound):
+        b.preload(s.id)
+    with pytest.raises(NotFound):
+        b.preload("sess_" + "0" * 32)
+
+
+def test_preload_of_a_damaged_session_quarantines_it(tmp_path):
+    a = SessionStore(SessionStorage(tmp_path, FP, StateDirLock.acquire(tmp_path, LockMode.SHARED)))
+    b = SessionStore(SessionStorage(tmp_path, FP, StateDirLock.acquire(tmp_path, LockMode.SHARED)))
+    s = a.put(make_session(3))
+    flip_bytes(tmp_path / s.id / "delta.safetensors")
+    with pytest.raises(SessionDamaged):
+        b.preload(s.id)
+    assert not (tmp_path / s.id).exists() and len(quarantine_entries(tmp_path)) == 1

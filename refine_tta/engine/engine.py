@@ -5,18 +5,28 @@ Callers (the HTTP server, scripts, tests) never touch the model. They submit job
 the job's result or its exception, and ``handle.cancel()`` sets a flag the worker checks before
 starting the job and, through ``should_stop``, between adaptation steps and generated tokens.
 
-Jobs wait in a bounded FIFO; a full queue raises :class:`QueueFull` immediately (nothing was
-done, the caller may retry). Input checks that need no model (token counts against
-:class:`EngineLimits`, impossible settings, unknown sessions) happen in ``submit_*`` on the
-caller's thread, so a bad request fails before it takes a queue slot.
+How the worker schedules (:mod:`refine_tta.engine.scheduler`): generations are decoded together
+in one batch (:class:`~refine_tta.engine.generations.GenerationBatch`; they join and leave at
+token boundaries) on a serving copy of the model that adaptation never trains. Adaptations (and
+other exclusive jobs) run one at a time, and between two adaptation steps the worker decodes the
+pending generations for about as long as a step takes, so a query never waits for a whole
+adaptation and adaptations still progress under a stream of queries. Waiting jobs take turns by
+client.
+
+Jobs wait in a bounded queue; a full queue raises :class:`QueueFull` immediately (nothing was
+done, the caller may retry) with a ``retry_after`` estimated from what is running and waiting.
+Input checks that need no model (token counts against :class:`EngineLimits`, impossible
+settings, unknown sessions) happen in ``submit_*`` on the caller's thread, so a bad request fails
+before it takes a queue slot.
 
 No HTTP, no JSON parsing here: documents and prompts are text, settings are
-:class:`~refine_tta.refine.config.RefineConfig` / :class:`~refine_tta.model.SamplingConfig`.
+:class:`~refine_tta.refine.config.RefineConfig` / :class:`~refine_tta.engine.text.SamplingConfig`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import logging
 import math
@@ -31,8 +41,10 @@ from typing import Any, Protocol
 import torch
 
 from refine_tta.engine.errors import Cancelled, EngineError, InvalidSettings, LimitExceeded, QueueFull, Unavailable
+from refine_tta.engine.generations import Finished, GenerationBatch, GenerationRequest
+from refine_tta.engine.scheduler import JobQueue, Stopwatch, Timings, retry_after_s
 from refine_tta.engine.sessions import Session, SessionStore
-from refine_tta.model.generation import MIN_TEMPERATURE, GenerationResult, SamplingConfig, generate
+from refine_tta.engine.text import MIN_TEMPERATURE, SamplingConfig, TextCodec
 from refine_tta.model.loading import LoadedModel
 from refine_tta.model.runtime import read
 from refine_tta.model.state import DocumentState
@@ -88,6 +100,7 @@ class EngineMetrics:
     generations_total: int
     generated_tokens_total: int
     generation_seconds_total: float
+    decode_steps_total: int
     cancelled_total: int
     failed_total: int
     rejected_total: int
@@ -145,7 +158,8 @@ class JobHandle:
 
 
 class Job(Protocol):
-    """Work for the worker thread. ``run`` is called on the worker with the engine and the handle."""
+    """Exclusive work for the worker thread (besides the engine's own :class:`AdaptJob` and
+    :class:`GenerateJob`): ``run`` is called on the worker with the engine and the handle."""
 
     kind: str
 
@@ -163,14 +177,11 @@ class AdaptJob:
     kind: str = "adapt"
     submitted_at: float = dataclasses.field(default_factory=time.perf_counter)
 
-    def run(self, engine: Engine, handle: JobHandle) -> Session:
-        return engine._run_adapt(self, handle)
-
 
 @dataclass
 class GenerateJob:
     """Complete ``prompt_ids`` after a session's document (None: base model, nothing read)
-    -> :class:`~refine_tta.model.GenerationResult`."""
+    -> :class:`~refine_tta.engine.text.GenerationResult`."""
 
     session_id: str | None
     prompt_ids: list[int]
@@ -178,9 +189,6 @@ class GenerateJob:
     owner: str | None
     on_text: Callable[[str, int], None] | None = None
     kind: str = "generate"
-
-    def run(self, engine: Engine, handle: JobHandle) -> GenerationResult:
-        return engine._run_generate(self, handle)
 
 
 @dataclass(frozen=True)
@@ -230,44 +238,13 @@ def jsonable(value: Any) -> Any:
     return str(value)
 
 
-class _Codec:
-    """Text <-> token ids with the model's tokenizer, safe to call from several threads.
-
-    Uses the Rust ``tokenizers.Tokenizer`` behind a fast tokenizer directly (its encode/decode only
-    borrow it immutably; the transformers wrapper reconfigures truncation on every call, which
-    fails under concurrent use). ``add_special_tokens=True`` adds BOS exactly as ``tokenizer(text)``.
-    """
-
-    def __init__(self, tokenizer: Any):
-        if tokenizer is None:
-            raise ValueError("the engine needs a model loaded with its tokenizer")
-        self._backend = getattr(tokenizer, "backend_tokenizer", None)
-        self._tokenizer = tokenizer
-        self._lock = threading.Lock()  # only for slow (Python) tokenizers
-        self.eos_token_id: int | None = getattr(tokenizer, "eos_token_id", None)
-
-    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as exc:  # lone surrogates, e.g. from a JSON "\ud800"
-            raise InvalidSettings(f"text is not valid Unicode: {exc.reason} at position {exc.start}") from None
-        if self._backend is not None:
-            return list(self._backend.encode(text, add_special_tokens=add_special_tokens).ids)
-        with self._lock:
-            return list(self._tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
-
-    def decode(self, ids: list[int]) -> str:
-        if self._backend is not None:
-            return self._backend.decode(ids, skip_special_tokens=True)
-        with self._lock:
-            return self._tokenizer.decode(ids, skip_special_tokens=True)
-
-
 class Engine:
     """Owns ``loaded`` (the model) and the session store; runs all model work on one thread.
 
     adapt_fn: the adaptation loop (default :func:`refine_tta.refine.loop.adapt`).
-    retry_after: seconds suggested to callers when the queue is full (and at shutdown).
+    retry_after: the least ``retry_after`` suggested when the queue is full (the estimate from the
+    queue's contents is used when it is longer), and the one sent at shutdown.
+    max_batch: how many generations decode together at most.
     """
 
     cancel_wait_s = 2.0  # at shutdown, how long a cancelled running job gets to notice before its client is answered
@@ -280,14 +257,24 @@ class Engine:
         *,
         adapt_fn: AdaptFn | None = None,
         retry_after: float = 1.0,
+        max_batch: int = 32,
     ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
         self.loaded = loaded
         self.sessions = sessions
         self.limits = limits
         self.retry_after = retry_after
         self._adapt_fn = adapt_fn
-        self._codec = _Codec(loaded.tokenizer)
-        self._queue: queue.Queue[JobHandle | None] = queue.Queue(maxsize=limits.queue_size)
+        self._codec = TextCodec(loaded.tokenizer)
+        self.max_batch = max_batch
+        self._queue = JobQueue(limits.queue_size, lane_of=lambda h: "generate" if isinstance(h.job, GenerateJob)
+                               else "exclusive", owner_of=lambda h: getattr(h.job, "owner", None))
+        self._batch: GenerationBatch | None = None  # built on the worker's start (it copies the model)
+        self._timings = Timings()
+        self._adapt_steps_left: int | None = None  # of the running adaptation (read by submit's estimate)
+        self._decoding = 0  # generations in the batch now (published by the worker)
+        self._min_tokens_left: int | None = None
         self._lock = threading.Lock()
         self._inflight: set[JobHandle] = set()
         self._running: JobHandle | None = None
@@ -297,12 +284,18 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._counters = {"adaptations_total": 0, "adaptation_steps_total": 0, "adaptation_seconds_total": 0.0,
                           "generations_total": 0, "generated_tokens_total": 0, "generation_seconds_total": 0.0,
+                          "decode_steps_total": 0,
                           "cancelled_total": 0, "failed_total": 0, "rejected_total": 0}
 
     # ------------------------------------------------------------------------------- lifecycle
     def start(self) -> Engine:
         if self._thread is not None:
             raise RuntimeError("engine already started")
+        # Generations decode on a copy of the model that adaptation never trains, so they can run
+        # between the steps of an adaptation (which changes the weights of ``loaded.model``).
+        serving = copy.deepcopy(self.loaded.model)
+        serving.requires_grad_(False)
+        self._batch = GenerationBatch(serving, self._codec)
         self._accepting = True
         self._thread = threading.Thread(target=self._work, name="refine-tta-worker", daemon=True)
         self._thread.start()
@@ -310,8 +303,8 @@ class Engine:
         return self
 
     def begin_shutdown(self, grace_s: float, retry_after: float | None = None) -> None:
-        """Stop accepting; end queued jobs now and the running one after ``grace_s`` seconds (if it
-        has not finished by then), each with :class:`Unavailable` (HTTP 503, Retry-After, retry-safe:
+        """Stop accepting; end queued jobs now and the running ones (the exclusive job and the
+        generations decoding) after ``grace_s`` seconds (if they have not finished by then), each with :class:`Unavailable` (HTTP 503, Retry-After, retry-safe:
         nothing of the job was applied). Returns at once; :meth:`stop` joins the worker."""
         retry_after = self.retry_after if retry_after is None else retry_after
         with self._lock:
@@ -321,12 +314,14 @@ class Engine:
             self._accepting = False
             self._unavailable = Unavailable("the server is shutting down; nothing of this request was applied; "
                                             "retry it on a running server", retry_after=retry_after)
-            running = self._running
         self._drain_queue()
-        log.info("engine shutting down: queue drained, %s", "no job running" if running is None else
-                 f"the running {running.job.kind} job has {grace_s:g} s to finish")
-        if running is not None:
-            threading.Thread(target=self._end_after_grace, args=(running, grace_s), name="refine-tta-grace",
+        with self._lock:  # what is left in flight is running: the exclusive job and the generations decoding
+            running = list(self._inflight)
+        log.info("engine shutting down: queue drained, %s", "no job running" if not running else
+                 f"{len(running)} running job(s) ({', '.join(sorted({h.job.kind for h in running}))}) have "
+                 f"{grace_s:g} s to finish")
+        for handle in running:
+            threading.Thread(target=self._end_after_grace, args=(handle, grace_s), name="refine-tta-grace",
                              daemon=True).start()
 
     def _drain_queue(self) -> None:
@@ -508,15 +503,23 @@ class Engine:
                 self._queue.put_nowait(handle)
             except queue.Full:
                 self._counters["rejected_total"] += 1
-                raise QueueFull(self.limits.queue_size, self.retry_after) from None
+                raise QueueFull(self.limits.queue_size, self.retry_after_estimate()) from None
             self._inflight.add(handle)
         return handle
+
+    def retry_after_estimate(self) -> float:
+        """Seconds until the full queue is expected to have room (at least ``retry_after``)."""
+        return retry_after_s(timings=self._timings, waiting_exclusive=self._queue.waiting("exclusive"),
+                             waiting_generate=self._queue.waiting("generate"),
+                             adapt_steps_left=self._adapt_steps_left, decoding=self._decoding,
+                             batch_room=self.max_batch - self._decoding, min_tokens_left=self._min_tokens_left,
+                             floor=self.retry_after)
 
     # ---------------------------------------------------------------------------------- metrics
     def metrics(self) -> EngineMetrics:
         with self._lock:
             counters = dict(self._counters)
-            running = int(self._running is not None)
+            running = int(self._running is not None) + self._decoding
         return EngineMetrics(queue_depth=self._queue.qsize(), running=running, sessions=len(self.sessions),
                              sessions_loaded=self.sessions.loaded_count, session_bytes=self.sessions.memory_bytes,
                              session_disk_bytes=self.sessions.disk_bytes, **counters)
@@ -528,34 +531,130 @@ class Engine:
 
     # ----------------------------------------------------------------------------------- worker
     def _work(self) -> None:
-        while True:
-            handle = self._queue.get()
-            if handle is None:
-                return
-            if not handle.future.set_running_or_notify_cancel():  # cancelled through the future
+        """Start waiting generations, run an exclusive job if one waits (generations are decoded
+        between its steps), else decode one token for every running generation, else sleep."""
+        try:
+            while not self._queue.closed:
+                self._admit_generations()
+                exclusive = self._queue.take("exclusive")
+                if exclusive:
+                    self._run_exclusive(exclusive[0])
+                elif self._decoding:
+                    self._decode_step()
+                else:
+                    self._queue.wait()
+        finally:
+            for finished in self._batch.fail_all(Cancelled("the server is shutting down")):
+                self._finish_generation(finished)
+            self._publish_batch()
+
+    def _run_exclusive(self, handle: JobHandle) -> None:
+        if not handle.future.set_running_or_notify_cancel():  # cancelled through the future
+            self._finish(handle)
+            return
+        if handle.cancelled:
+            self._finish(handle, exc=handle.reason or Cancelled("cancelled before it started"))
+            return
+        if self._shutting_down(handle):
+            return
+        with self._lock:
+            self._running = handle
+        try:
+            job = handle.job
+            result = self._run_adapt(job, handle) if isinstance(job, AdaptJob) else job.run(self, handle)
+        except Exception as exc:  # delivered to the caller through the future
+            if not isinstance(exc, EngineError):
+                log.exception("%s job failed", handle.job.kind)
+            if isinstance(exc, Cancelled) and handle.reason is not None:
+                exc = handle.reason  # e.g. shutdown: 503, nothing applied
+            self._finish(handle, exc=exc)
+        else:
+            self._finish(handle, result=result)
+
+    def _shutting_down(self, handle: JobHandle) -> bool:
+        """True (and the job answered 503) if it was taken off the queue as shutdown began."""
+        with self._lock:
+            shutting_down = self._shutdown_at is not None
+        if shutting_down:
+            handle.cancel(self._unavailable)
+            self._finish(handle, exc=self._unavailable)
+        return shutting_down
+
+    def _admit_generations(self) -> None:
+        """Move waiting generations into the batch (prefilling their prompts), as room allows."""
+        requests = []
+        for handle in self._queue.take("generate", self.max_batch - self._decoding):
+            if not handle.future.set_running_or_notify_cancel():
                 self._finish(handle)
                 continue
             if handle.cancelled:
                 self._finish(handle, exc=handle.reason or Cancelled("cancelled before it started"))
                 continue
-            with self._lock:
-                shutting_down = self._shutdown_at is not None  # taken off the queue as shutdown began
-                if not shutting_down:
-                    self._running = handle
-            if shutting_down:
-                handle.cancel(self._unavailable)
-                self._finish(handle, exc=self._unavailable)
+            if self._shutting_down(handle):
                 continue
+            job: GenerateJob = handle.job
             try:
-                result = handle.job.run(self, handle)
-            except Exception as exc:  # delivered to the caller through the future
+                state, weights = self._session_memory(job)
+            except Exception as exc:  # e.g. NotFound: the session was deleted while the job waited
                 if not isinstance(exc, EngineError):
-                    log.exception("%s job failed", handle.job.kind)
-                if isinstance(exc, Cancelled) and handle.reason is not None:
-                    exc = handle.reason  # e.g. shutdown: 503, nothing applied
+                    log.exception("could not load the session of a generation")
                 self._finish(handle, exc=exc)
-            else:
-                self._finish(handle, result=result)
+                continue
+            requests.append(GenerationRequest(handle, state, weights, job.prompt_ids, job.sampling, job.on_text,
+                                              handle.should_stop))
+        if requests:
+            try:
+                self._batch.admit(requests)
+            except Exception as exc:  # nothing of these joined the batch
+                log.exception("prefilling %d generations failed", len(requests))
+                for r in requests:
+                    self._finish(r.key, exc=exc)
+        self._publish_batch()
+
+    def _session_memory(self, job: GenerateJob | ScoreJob) -> tuple[DocumentState, Any]:
+        """The state to continue from and the weights to decode with (None: the base model)."""
+        if job.session_id is None:
+            return DocumentState.empty(), None
+        session = self.sessions.get(job.session_id, job.owner)
+        delta = session.delta
+        return session.state, (delta if delta is not None and delta.tensors else None)
+
+    def _decode_step(self) -> None:
+        """One token for every running generation; those that ended are answered."""
+        t = time.perf_counter()
+        try:
+            finished = self._batch.step()
+        except Exception as exc:  # delivered to every running generation; the worker carries on
+            log.exception("a decoding step failed; ending the %d running generations", self._decoding)
+            finished = self._batch.fail_all(exc)
+        self._timings.observe_decode_step(time.perf_counter() - t)
+        self._count(decode_steps_total=1)
+        for f in finished:
+            self._finish_generation(f)
+        self._publish_batch()
+
+    def _decode_for(self, seconds: float) -> None:
+        """Decode waiting and running generations for about ``seconds`` (or until none is left)."""
+        deadline = time.perf_counter() + seconds
+        while True:
+            self._admit_generations()
+            if not self._decoding:
+                return
+            self._decode_step()
+            if time.perf_counter() >= deadline:
+                return
+
+    def _publish_batch(self) -> None:
+        """What other threads may read about the batch (for metrics and Retry-After)."""
+        self._decoding = len(self._batch)
+        self._min_tokens_left = self._batch.min_tokens_left()
+
+    def _finish_generation(self, f: Finished) -> None:
+        self._count(generations_total=1, generated_tokens_total=f.tokens, generation_seconds_total=f.seconds)
+        exc = f.error
+        if isinstance(exc, Cancelled) and f.key.reason is not None:
+            exc = f.key.reason  # e.g. shutdown: 503, nothing applied
+        self._finish(f.key, result=f.result, exc=exc)
 
     def _finish(self, handle: JobHandle, result: Any = None, exc: BaseException | None = None) -> None:
         with self._lock:
@@ -610,6 +709,7 @@ class Engine:
 
         def on_step(step: dict[str, Any]) -> None:
             self._count(adaptation_steps_total=1)
+            self._adapt_steps_left = max(0, job.config.steps - int(step.get("step", 0)))
             if on_progress is not None:
                 on_progress(ADAPT_STEP, jsonable(step))
 
@@ -617,14 +717,28 @@ class Engine:
             on_progress(ADAPT_STARTED, {"of": job.config.steps, "document_tokens": len(job.document_ids),
                                         "mode": job.config.mode, "queued_s": round(t0 - job.submitted_at, 3)})
 
+        watch = Stopwatch()
+
+        def between_steps() -> bool:
+            """Polled before every step and after the last: decode pending generations for about
+            one step's time (the step's own duration is measured from here to the next call)."""
+            step_s = watch.lap()
+            if step_s is not None:
+                self._timings.observe_adapt_step(step_s)
+            self._decode_for(self._timings.adapt_step_s)
+            watch.lap()
+            return handle.should_stop()
+
         ids = torch.tensor([job.document_ids], dtype=torch.long, device=self.loaded.device)
         try:
-            result = adapt(self.loaded.model, ids, job.config, on_step=on_step, should_stop=handle.should_stop)
+            self._adapt_steps_left = job.config.steps
+            result = adapt(self.loaded.model, ids, job.config, on_step=on_step, should_stop=between_steps)
         except AdaptCancelled as exc:
             raise Cancelled("adaptation cancelled") from exc
         except ValueError as exc:  # model-dependent settings, e.g. layers out of range, unknown lora targets
             raise InvalidSettings(str(exc)) from exc
         finally:
+            self._adapt_steps_left = None
             self._count(adaptation_seconds_total=time.perf_counter() - t0)
         if not handle.commit():  # cancelled after the last step: do not store what nobody will see
             raise Cancelled("adaptation cancelled")
@@ -636,21 +750,15 @@ class Engine:
                  stored.state_bytes, stored.delta_bytes, time.perf_counter() - t0)
         return stored
 
-    def _session_model(self, session_id: str | None, owner: str | None) -> tuple[DocumentState, Any]:
-        """The state to continue from and a context that applies the session's weight delta."""
-        if session_id is None:
-            return DocumentState.empty(), contextlib.nullcontext()
-        session = self.sessions.get(session_id, owner)
-        delta = session.delta
-        applied = delta.applied(self.loaded.model) if delta is not None and delta.tensors else contextlib.nullcontext()
-        return session.state, applied
-
     @torch.no_grad()
     def _run_score(self, job: ScoreJob, handle: JobHandle) -> list[TokenScores]:
-        state, applied = self._session_model(job.session_id, job.owner)
+        """Runs on the worker as an exclusive job, on ``loaded.model`` (no adaptation runs meanwhile;
+        the generations decoding between its groups use the serving copy)."""
+        state, weights = self._session_memory(job)
+        state = state if state is not None else DocumentState.empty()
         first = None if state.next_logits is None else torch.log_softmax(state.next_logits.float(), dim=-1)[0]  # [V]
         scores: list[TokenScores] = []
-        with applied:
+        with weights.applied(self.loaded.model) if weights is not None else contextlib.nullcontext():
             for rows in self._score_batches(job.sequences):
                 if handle.cancelled:
                     raise Cancelled("scoring cancelled")
@@ -694,14 +802,3 @@ class Engine:
             top = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
         pad = len(ids) - rows.shape[0]  # 1 when the first token has nothing before it
         return TokenScores(list(ids), [None] * pad + chosen, [[] for _ in range(pad)] + top)
-
-    def _run_generate(self, job: GenerateJob, handle: JobHandle) -> GenerationResult:
-        state, applied = self._session_model(job.session_id, job.owner)
-        with applied:
-            result = generate(self.loaded.model, state, job.prompt_ids, job.sampling, self._codec.decode,
-                              self._codec.eos_token_id, self._guarded(job.on_text, "on_text"), handle.should_stop)
-        self._count(generations_total=1, generated_tokens_total=len(result.tokens),
-                    generation_seconds_total=result.total_s)
-        if result.finish_reason == "cancelled":
-            raise Cancelled("generation cancelled")
-        return result

@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +162,7 @@ class SessionStore:
         self._index: dict[str, Session] = {}  # every servable session, tensors stripped
         self._loaded: OrderedDict[str, tuple[DocumentState, ParameterDelta]] = OrderedDict()  # LRU, oldest first
         self._unflushed: dict[str, float] = {}  # id -> last_used not yet written
+        self._new_ids: deque[str] = deque(maxlen=4096)  # stored since the last take_new_ids() (bounded)
         self._last_flush = clock()
         self.refused: dict[str, tuple[str | None, str]] = {}  # id -> (owner, why): another model or format
         self.quarantined: dict[str, tuple[str | None, str]] = {}  # id -> (owner, why)
@@ -321,12 +322,7 @@ class SessionStore:
             raise NotFound(f"session {session_id!r} not found")
         if tensors is None:
             tensors = self._load_tensors(session_id)
-            with self._lock:
-                if session_id not in self._index:  # deleted while loading
-                    raise NotFound(f"session {session_id!r} not found")
-                self._loaded[session_id] = tensors
-                self._loaded.move_to_end(session_id)
-                self._evict_memory(keep=session_id)
+            self._keep_loaded(session_id, tensors)
         with self._lock:
             session.last_used = max(session.last_used, self._clock())
             self._unflushed[session_id] = session.last_used
@@ -334,6 +330,56 @@ class SessionStore:
         if due:
             self.flush()
         return dataclasses.replace(session, state=tensors[0], delta=tensors[1])
+
+    def _keep_loaded(self, session_id: str, tensors: tuple[DocumentState, ParameterDelta]) -> None:
+        """Hold freshly loaded tensors as the most recently used (NotFound if deleted while loading)."""
+        with self._lock:
+            if session_id not in self._index:
+                raise NotFound(f"session {session_id!r} not found")
+            self._loaded[session_id] = tensors
+            self._loaded.move_to_end(session_id)
+            self._evict_memory(keep=session_id)
+
+    def preload(self, session_id: str) -> bool:
+        """Have a session's tensors in memory, read and verified from storage if they are not;
+        True when they were read. For a deployment whose router sends a session's requests to the
+        replica that holds it: that replica loads it before the request runs. No owner check
+        (nothing is returned; the request itself is checked by :meth:`get`). NotFound,
+        SessionDamaged and Unavailable as :meth:`get`."""
+        with self._lock:
+            session = self._index.get(session_id) if is_session_id(session_id) else None
+            if session is None and self.storage.shared and self.storage.exists(session_id):
+                session = self._adopt(session_id)
+            if session is None:
+                raise NotFound(f"session {session_id!r} not found")
+            if session_id in self._loaded:
+                self._loaded.move_to_end(session_id)
+                return False
+        self._keep_loaded(session_id, self._load_tensors(session_id))
+        return True
+
+    def take_new_ids(self) -> list[str]:
+        """Ids of the sessions this store wrote since the last call (a deployment's replica
+        advertises them to its router), oldest first."""
+        with self._lock:
+            new = list(self._new_ids)
+            self._new_ids.clear()
+        return new
+
+    def release(self, session_id: str) -> None:
+        """Drop a session's tensors from memory (its disk copy stays; the next use loads it)."""
+        with self._lock:
+            self._loaded.pop(session_id, None)
+
+    def drop_deleted(self) -> list[str]:
+        """Shared mode: forget the sessions held in memory that another process deleted from disk;
+        returns their ids. (A request never gets one anyway: :meth:`get` checks the disk first.)"""
+        with self._lock:
+            held = list(self._loaded)
+        gone = [session_id for session_id in held if not self.storage.exists(session_id)]
+        for session_id in gone:
+            self._forget(session_id)
+        return gone
 
     def _load_tensors(self, session_id: str) -> tuple[DocumentState, ParameterDelta]:
         try:
@@ -370,6 +416,7 @@ class SessionStore:
         with self._lock:
             self._index[stored.id] = stored
             self._loaded[stored.id] = (session.state, session.delta)
+            self._new_ids.append(stored.id)
             self._evict_memory(keep=stored.id)
             self._enforce_disk_budget(keep=stored.id)
             return stored.without_tensors()

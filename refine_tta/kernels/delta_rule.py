@@ -16,6 +16,8 @@ state in fp32, as fla does.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 CHUNK_SIZE = 64
@@ -78,10 +80,13 @@ def delta_rule_chunked(
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
     chunk_size: int = CHUNK_SIZE,
+    trace: list[ChunkTrace] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Chunked (WY) (gated) delta rule; any T (the last chunk may be short).
 
-    Returns o [B, T, H, V] and final state [B, H, K, V].
+    Returns o [B, T, H, V] and final state [B, H, K, V]. With ``trace`` (a list), appends one
+    :class:`ChunkTrace` per chunk, from which ``state_within_chunk`` gives the state after any
+    token of the input, with gradients, without reading anything again.
     """
     dtype = v.dtype
     q, k, v, beta, g, S = _prepare(q, k, v, beta, g, scale, initial_state)
@@ -89,17 +94,69 @@ def delta_rule_chunked(
     outs = []
     for start in range(0, T, chunk_size):
         end = min(start + chunk_size, T)
-        o_c, S = _chunk_step(
-            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], beta[:, :, start:end],
+        k_c = k[:, :, start:end]
+        o_c, S_next, U, G = _chunk_step(
+            q[:, :, start:end], k_c, v[:, :, start:end], beta[:, :, start:end],
             None if g is None else g[:, :, start:end], S,
         )
+        if trace is not None:
+            trace.append(ChunkTrace(start, S, k_c, U, G))
+        S = S_next
         outs.append(o_c)
     o = torch.cat(outs, dim=2) if outs else v.new_zeros(v.shape)
     return o.transpose(1, 2).to(dtype), S
 
 
+@dataclass
+class ChunkTrace:
+    """One chunk of a chunked read: start (token offset in the input), S [B, H, K, V] the state
+    before it (fp32), k [B, H, C, K] its keys, U [B, H, C, V] its WY updates, G [B, H, C] the
+    within-chunk cumulative log decay (None without gates). All autograd-connected."""
+
+    start: int
+    S: torch.Tensor
+    k: torch.Tensor
+    U: torch.Tensor
+    G: torch.Tensor | None
+
+
+def state_within_chunk(chunk: ChunkTrace, m: int) -> torch.Tensor:
+    """The state after the first m tokens of a traced chunk (0 <= m <= C). [B, H, K, V] fp32.
+
+    U's rows depend only on earlier rows (a unit-lower-triangular solve), so the first m rows of
+    a chunk's U are those of a chunk cut after m tokens, and the chunk's state update restricted
+    to them is the state after m tokens::
+
+        S_m = exp(G_{m-1}) S + (exp(G_{m-1} - G_i) k_i)^T U_i, i < m   (G = 0 without gates)
+    """
+    C = chunk.k.shape[2]
+    if not 0 <= m <= C:
+        raise ValueError(f"m must be in [0, {C}], got {m}")
+    if m == 0:
+        return chunk.S
+    k, U = chunk.k[:, :, :m], chunk.U[:, :, :m]
+    if chunk.G is None:
+        return chunk.S + k.transpose(-1, -2) @ U
+    G = chunk.G[..., :m]  # [B, H, m]
+    last = G[..., -1:]  # [B, H, 1]
+    return chunk.S * last.exp().unsqueeze(-1) + (k * (last - G).exp().unsqueeze(-1)).transpose(-1, -2) @ U
+
+
+def traced_state(trace: list[ChunkTrace], p: int) -> torch.Tensor:
+    """The state after the first p tokens (0 <= p <= T) of a read traced by ``delta_rule_chunked``."""
+    if not trace:
+        raise ValueError("empty trace")
+    end = trace[-1].start + trace[-1].k.shape[2]
+    if not 0 <= p <= end:
+        raise ValueError(f"position {p} is outside the traced read of {end} tokens")
+    chunk = next((c for c in reversed(trace) if c.start < p), trace[0])
+    return state_within_chunk(chunk, p - chunk.start)
+
+
 def _chunk_step(q, k, v, beta, g, S):
     """One chunk. q, k [B, H, C, K]; v [B, H, C, V]; beta, g [B, H, C]; S [B, H, K, V].
+
+    Returns o [B, H, C, V], the new state, U [B, H, C, V] and G [B, H, C] (None without gates).
 
     With G = cumsum(g) inside the chunk and D[t, i] = exp(G_t - G_i) (1 without gates):
       (I + strict_lower(beta_t D[t, i] k_t.k_i)) U = diag(beta) (V - diag(exp G) K S)
@@ -136,7 +193,7 @@ def _chunk_step(q, k, v, beta, g, S):
         S_new = S + k.transpose(-1, -2) @ U
     else:
         S_new = S * decay_in[..., -1, None, None] + (k * decay_out.unsqueeze(-1)).transpose(-1, -2) @ U
-    return o, S_new
+    return o, S_new, U, (None if g is None else G)
 
 
 def delta_rule(
@@ -147,8 +204,12 @@ def delta_rule(
     g: torch.Tensor | None = None,
     scale: float | None = None,
     initial_state: torch.Tensor | None = None,
+    trace: list[ChunkTrace] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Recurrent form for short inputs (decode, short branches), chunked form otherwise."""
+    """Recurrent form for short inputs (decode, short branches), chunked form otherwise (always
+    with a ``trace``: see ``delta_rule_chunked``)."""
+    if trace is not None:
+        return delta_rule_chunked(q, k, v, beta, g, scale, initial_state, trace=trace)
     if q.shape[1] <= RECURRENT_MAX_TOKENS:
         return delta_rule_recurrent(q, k, v, beta, g, scale, initial_state)
     return delta_rule_chunked(q, k, v, beta, g, scale, initial_state)

@@ -16,6 +16,7 @@ import torch
 from einops import rearrange
 
 from refine_tta.kernels import causal_conv1d, delta_rule, gated_rms_norm, l2norm, rms_norm, swiglu_mlp
+from refine_tta.model.trace import ConvTrace, LayerTrace
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,9 @@ def install_backend(model: torch.nn.Module, choice: BackendChoice) -> None:
         if fn is not None:
             module.forward = types.MethodType(fn, module)
             counts[type(module).__name__] = counts.get(type(module).__name__, 0) + 1
+    # every block's mixer runs on our kernels: a read can be traced (refine_tta.model.trace)
+    mixers = counts.get("DeltaNet", 0) + counts.get("GatedDeltaNet", 0)
+    model.refine_tta_traceable = mixers == getattr(model.config, "num_hidden_layers", -1)
     log.info("kernel backend: torch (%s); replaced %s", choice.reason, counts)
 
 
@@ -110,14 +114,27 @@ def _check_unpadded(attention_mask, kwargs):
 
 
 def _conv_qkv(self, hidden_states, last_state, use_cache):
-    """Projections through the three short convolutions. Returns q, k, v [B, T, *] and conv states."""
-    conv_q = conv_k = conv_v = None
+    """Projections through the three short convolutions. Returns q, k, v [B, T, *], the conv
+    states, and a ConvTrace per convolution (its inputs and starting window)."""
+    caches = (None, None, None)
     if last_state is not None and last_state.get("conv_state") is not None:
-        conv_q, conv_k, conv_v = last_state["conv_state"]
-    q, conv_q = self.q_conv1d(self.q_proj(hidden_states), cache=conv_q, output_final_state=use_cache)
-    k, conv_k = self.k_conv1d(self.k_proj(hidden_states), cache=conv_k, output_final_state=use_cache)
-    v, conv_v = self.v_conv1d(self.v_proj(hidden_states), cache=conv_v, output_final_state=use_cache)
-    return q, k, v, (conv_q, conv_k, conv_v)
+        caches = tuple(last_state["conv_state"])
+    outs, states, traces = [], [], []
+    for proj, conv, cache in zip((self.q_proj, self.k_proj, self.v_proj), (self.q_conv1d, self.k_conv1d, self.v_conv1d),
+                                 caches):
+        x = proj(hidden_states)
+        y, new = conv(x, cache=cache, output_final_state=use_cache)
+        outs.append(y)
+        states.append(new)
+        traces.append(ConvTrace(x, cache, conv.weight.shape[-1]))
+    return *outs, tuple(states), tuple(traces)
+
+
+def _record(self, state_trace, chunks, conv_traces, v_first: bool) -> None:
+    """Hand this layer's chunk and convolution traces to the read's StateTrace (if it asked)."""
+    if state_trace is None:
+        return
+    state_trace.record(self.layer_idx, LayerTrace(chunks, conv_traces if self.use_short_conv else None, v_first))
 
 
 def _finish(self, o, hidden_states, past_key_values, recurrent_state, conv_state, use_cache, q_len):
@@ -136,8 +153,9 @@ def _finish(self, o, hidden_states, past_key_values, recurrent_state, conv_state
 
 
 def _delta_net_forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
-                       output_attentions=False, **kwargs):
-    """fla's DeltaNet layer on refine_tta.kernels. State [B, H, K, V]."""
+                       output_attentions=False, state_trace=None, **kwargs):
+    """fla's DeltaNet layer on refine_tta.kernels. State [B, H, K, V]. ``state_trace``: a
+    StateTrace to record this layer's read in (refine_tta.model.trace), or None."""
     from fla.layers.utils import get_layer_cache
 
     _check_unpadded(attention_mask, kwargs)
@@ -145,8 +163,9 @@ def _delta_net_forward(self, hidden_states, attention_mask=None, past_key_values
 
     q_len = hidden_states.shape[1]
     last_state = get_layer_cache(self, past_key_values)
+    conv_traces = None
     if self.use_short_conv:
-        q, k, v, conv_state = _conv_qkv(self, hidden_states, last_state, use_cache)
+        q, k, v, conv_state, conv_traces = _conv_qkv(self, hidden_states, last_state, use_cache)
     else:
         conv_state = None
         q, k = self.q_proj(hidden_states), self.k_proj(hidden_states)
@@ -168,21 +187,25 @@ def _delta_net_forward(self, hidden_states, attention_mask=None, past_key_values
     if self.allow_neg_eigval:
         beta = beta * 2.0
     initial = last_state["recurrent_state"] if last_state is not None else None
-    o, state = delta_rule(q, k, v, beta, initial_state=initial)
+    chunks = None if state_trace is None else []
+    o, state = delta_rule(q, k, v, beta, initial_state=initial, trace=chunks)
+    _record(self, state_trace, chunks, conv_traces, v_first=False)
     return _finish(self, o, hidden_states, past_key_values, state, conv_state, use_cache, q_len), None, past_key_values
 
 
 def _gated_deltanet_forward(self, hidden_states, attention_mask=None, past_key_values=None, use_cache=False,
-                            output_attentions=False, **kwargs):
-    """fla's GatedDeltaNet layer on refine_tta.kernels. Cached state is V-first: [B, HV, V, K]."""
+                            output_attentions=False, state_trace=None, **kwargs):
+    """fla's GatedDeltaNet layer on refine_tta.kernels. Cached state is V-first: [B, HV, V, K].
+    ``state_trace``: as in ``_delta_net_forward``."""
     from fla.layers.utils import get_layer_cache
     import torch.nn.functional as F
 
     _check_unpadded(attention_mask, kwargs)
     q_len = hidden_states.shape[1]
     last_state = get_layer_cache(self, past_key_values)
+    conv_traces = None
     if self.use_short_conv:
-        q, k, v, conv_state = _conv_qkv(self, hidden_states, last_state, use_cache)
+        q, k, v, conv_state, conv_traces = _conv_qkv(self, hidden_states, last_state, use_cache)
     else:
         conv_state = None
         q, k, v = (F.silu(p(hidden_states)) for p in (self.q_proj, self.k_proj, self.v_proj))
@@ -200,6 +223,8 @@ def _gated_deltanet_forward(self, hidden_states, attention_mask=None, past_key_v
     initial = last_state["recurrent_state"] if last_state is not None else None
     if initial is not None:
         initial = initial.transpose(-1, -2)  # [B, HV, V, K] -> [B, HV, K, V]
-    o, state = delta_rule(q, k, v, beta, g=g, initial_state=initial)
+    chunks = None if state_trace is None else []
+    o, state = delta_rule(q, k, v, beta, g=g, initial_state=initial, trace=chunks)
+    _record(self, state_trace, chunks, conv_traces, v_first=True)
     state = state.transpose(-1, -2).contiguous()
     return _finish(self, o, hidden_states, past_key_values, state, conv_state, use_cache, q_len), None, past_key_values

@@ -1,8 +1,9 @@
-"""Load a DeltaNet / Gated DeltaNet checkpoint through transformers' Auto classes.
+"""Load a DeltaNet / Gated DeltaNet / LaCT checkpoint through transformers' Auto classes.
 
 ``load_model`` is the only place that decides device, dtype and kernel backend; it logs all three
 with the reason. ``import fla.models`` (which registers fla's model types with transformers and
-costs seconds) happens here, on first load, never at import of this module.
+costs seconds) and the registration of LaCT (``refine_tta.model.lact``) happen here, on first
+load, never at import of this module.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from refine_tta.model.backend import BackendChoice, choose_backend, install_back
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("delta_net", "gated_deltanet")
+SUPPORTED_MODEL_TYPES = ("delta_net", "gated_deltanet", "lact_swiglu")
+# Model types implemented in refine_tta itself (pure PyTorch on every device; no fla kernels to swap).
+OWN_MODEL_TYPES = ("lact_swiglu",)
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 # Config keys that do not change what the model computes.
@@ -75,13 +78,18 @@ class LoadedModel:
 
 
 def register_fla_models() -> None:
-    """Import fla's model families so transformers' Auto classes know their model types.
+    """Make transformers' Auto classes know every supported model type: fla's families (importing
+    ``fla.models`` registers them) and ours (LaCT).
 
     fla warns "Triton is not supported on current platform" when it is imported without a GPU:
     expected here (the CPU backend is chosen and logged by ``choose_backend``), so it is silenced."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Triton is not supported", category=UserWarning)
         import fla.models  # noqa: F401  (registers DeltaNetConfig, GatedDeltaNetConfig, ...)
+
+    from refine_tta.model.lact import register_lact
+
+    register_lact()
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> tuple[torch.dtype, str]:
@@ -152,6 +160,13 @@ def prepare_model(model: torch.nn.Module, device: torch.device, backend: str | N
     if getattr(model.config, "attnres_block_size", None) is not None:
         raise ModelLoadError("attention-residual models (attnres_block_size) are not supported")
     model.eval()
+    if model_type in OWN_MODEL_TYPES:
+        if backend not in (None, "torch"):
+            raise ModelLoadError(f"{model_type} has no {backend!r} kernels; it runs in PyTorch on every device")
+        choice = BackendChoice("torch", f"{model_type} is implemented in PyTorch (SDPA) on every device ({device})")
+        model.refine_tta_backend = choice.name
+        log.info("kernel backend: torch (%s)", choice.reason)
+        return choice
     choice = choose_backend(device, backend)
     install_backend(model, choice)
     return choice

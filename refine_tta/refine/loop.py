@@ -6,15 +6,18 @@ document read with the adapted weights as a ``DocumentState``, and statistics fo
 
 A REFINE step (spec: shared/refine-algorithm.md), on the **branch** path:
 
-  1. score:   read x with no grad -> entropy H_t and final hidden h_t per position
-  2. select:  one rollout start per chunk from the smoothed entropy
-  3. read:    read x with grad, cut at the starts, keeping the state at each start; NTP loss
-  4. rollout: sample k tokens per branch from those states (batched, no grad) -> old log-probs
-  5. branch:  re-score the rollouts from the grad-carrying states -> log-probs, hidden states
-  6. reward, group advantages, clipped policy loss; loss = sft * NTP + ppo * PPO; backward
-  7. clip the gradient norm; skip the step if it is not finite; AdamW step
+  1. read:    read x once with grad (``rollout.read_for_step``) -> NTP loss, entropy H_t and final
+              hidden h_t per position (no grad), and the state after any prefix (with grad)
+  2. select:  one rollout start per chunk from the smoothed entropy; the states at the starts
+  3. rollout: sample k tokens per branch from those states (batched, no grad) -> old log-probs
+  4. branch:  re-score the rollouts from the grad-carrying states -> log-probs, hidden states
+  5. reward, group advantages, clipped policy loss; loss = sft * NTP + ppo * PPO; backward
+  6. clip the gradient norm; skip the step if it is not finite; AdamW step
 
-The **reference** path (``path="reference"``) does 3-5 the paper's way, re-reading each prefix.
+The read with gradients is the only pass over the document: an NTP-only step makes the same one.
+The **reference** path (``path="reference"``) is the paper's: a scoring read with no grad
+(``score_document``) for the selection, then every rollout re-reads its prefix (``_reference_losses``).
+Both select the same positions and roll out the same tokens from the same generator.
 """
 
 from __future__ import annotations
@@ -96,6 +99,21 @@ def score_document(model, ids: torch.Tensor, state: DocumentState | None = None,
     return ScorePass(torch.cat(ents), torch.cat(hiddens), ntp), state
 
 
+@torch.no_grad()
+def final_read(model, ids: torch.Tensor, segment_tokens: int = SCORE_SEGMENT_TOKENS) -> tuple[float, DocumentState]:
+    """Read ids [1, L] without grad: the mean NTP loss and the final state (nothing else kept)."""
+    L = ids.shape[1]
+    state, ce = None, 0.0
+    for a in range(0, L, segment_tokens):
+        b = min(a + segment_tokens, L)
+        out = read(model, ids[:, a:b], state)
+        state = out.state
+        n_pred = min(b, L - 1) - a
+        if n_pred > 0:
+            ce += float(ro.ce_sum(out.logits[0, :n_pred], ids[0, a + 1:a + 1 + n_pred]))
+    return (ce / (L - 1) if L > 1 else float("nan")), state
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -168,10 +186,26 @@ class StepInputs:
 
 def step_inputs(model, ids, cfg: RefineConfig, gen: torch.Generator, clock: _Clock | None = None) -> StepInputs:
     """Score the document, select positions and draw the rollout uniforms (consumes ``gen``)."""
-    device = ids.device
     score, _ = score_document(model, ids)
     if clock is not None:
         clock.lap("score")
+    return _select(score, ids, cfg, gen, clock)
+
+
+def branch_step_inputs(model, ids, cfg: RefineConfig, gen: torch.Generator,
+                       clock: _Clock | None = None) -> tuple[StepInputs, ro.StepRead]:
+    """Read the document once with grad, then select from that read's own entropy and draw the
+    rollout uniforms (consumes ``gen`` as ``step_inputs`` does). Returns the inputs and the read."""
+    doc = ro.read_for_step(model, ids)
+    if clock is not None:
+        clock.lap("read")
+    score = ScorePass(doc.entropy, doc.hidden, float(doc.ntp_sum.detach()) / doc.n_targets)
+    return _select(score, ids, cfg, gen, clock), doc
+
+
+def _select(score: ScorePass, ids, cfg: RefineConfig, gen: torch.Generator, clock: _Clock | None) -> StepInputs:
+    """Spec step 2 from a scored document, plus the rollout uniforms, true continuations and groups."""
+    device = ids.device
     sel = obj.select_positions(score.entropy, cfg.n_chunks, cfg.k, cfg.selection, gen, cfg.edge_margin)
     starts = sel.starts.to(device)
     P, n, k = starts.shape[0], cfg.n, cfg.k
@@ -190,9 +224,12 @@ def refine_step(model, ids, cfg: RefineConfig, gen: torch.Generator, params, opt
     """One REFINE step (see module docstring). Returns its statistics."""
     device = ids.device
     clock = _Clock(device)
-    x = step_inputs(model, ids, cfg, gen, clock)
-    losses = _branch_losses if path == "branch" else _reference_losses
-    stats = losses(model, ids, cfg, x.starts, x.uniforms, x.true, x.h_true, x.groups, clock)
+    if path == "branch":
+        x, doc = branch_step_inputs(model, ids, cfg, gen, clock)
+        stats = _branch_losses(model, ids, cfg, x.starts, x.uniforms, x.true, x.h_true, x.groups, clock, doc)
+    else:
+        x = step_inputs(model, ids, cfg, gen, clock)
+        stats = _reference_losses(model, ids, cfg, x.starts, x.uniforms, x.true, x.h_true, x.groups, clock)
     loss = stats.pop("_loss")
     grad_norm, skipped = _apply_update(params, opt, cfg.grad_clip, loss)
     clock.lap("update")
@@ -213,13 +250,18 @@ def _policy_loss(cfg, logp, logp_old, adv):
     return obj.clipped_policy_loss(logp, logp_old, adv, None, cfg.clip_low, cfg.clip_high, cfg.dual_clip)
 
 
-def _branch_losses(model, ids, cfg, starts, uniforms, true, h_true, groups, clock) -> dict:
-    """Spec steps 3-6 from shared-prefix branches; calls backward. Returns stats + '_loss'."""
-    cuts = sorted(set(starts.tolist()))
-    seg = ro.read_segmented(model, ids, cuts)
-    ntp = seg.ntp_sum / seg.n_targets
-    clock.lap("read")
-    start_states = ro.branch_states(seg.states, starts.tolist(), cfg.n)  # batch N, with grad
+def _branch_losses(model, ids, cfg, starts, uniforms, true, h_true, groups, clock,
+                   doc: ro.StepRead | None = None) -> dict:
+    """Spec steps 3-6 from shared-prefix branches; calls backward. Returns stats + '_loss'.
+
+    doc: the step's read of the document (``branch_step_inputs``); None reads it here (inputs
+    selected elsewhere, e.g. by ``step_inputs``)."""
+    if doc is None:
+        doc = ro.read_for_step(model, ids)
+        clock.lap("read")
+    ntp = doc.ntp_sum / doc.n_targets
+    start_states = ro.repeat_branches(doc.prefixes.states_at(starts.tolist()), cfg.n)  # batch N, with grad
+    clock.lap("states")
     tokens, logp_old = ro.sample_rollouts(model, start_states.detach(), uniforms, cfg.temperature)
     clock.lap("rollout")
     logp, h_roll = ro.branch_forward(model, start_states, tokens, cfg.temperature)
@@ -233,8 +275,8 @@ def _branch_losses(model, ids, cfg, starts, uniforms, true, h_true, groups, cloc
     N, k = tokens.shape
     L = ids.shape[1]
     stats = _rollout_stats(rewards, tokens, true, logp_old, pl, adv)
-    stats.update(ntp_loss=float(ntp.detach()), tokens_processed=2 * L + N * (k - 1) + N * k, _loss=loss.detach(),
-                 rollout_tokens=tokens.tolist())
+    stats.update(ntp_loss=float(ntp.detach()), _loss=loss.detach(), rollout_tokens=tokens.tolist(),
+                 tokens_processed=L + doc.prefixes.tokens_read + N * (k - 1) + N * k)
     return stats
 
 
@@ -341,15 +383,15 @@ def adapt(
             raise AdaptCancelled("cancelled before reading the document with the adapted weights")
         clock = _Clock(device)
         with delta.applied(model):
-            final, state = score_document(model, document_ids)
+            final_ntp, state = final_read(model, document_ids)
         clock.lap("final_read")
     finally:
         model.train(was_training)
     total = {
         "mode": config.mode, "path": path, "document_tokens": L, "steps": len(steps),
         "skipped_steps": sum(int(s.get("skipped", False)) for s in steps),
-        "ntp_loss_before": final.ntp if ntp_before is None else ntp_before,
-        "ntp_loss_after": final.ntp,
+        "ntp_loss_before": final_ntp if ntp_before is None else ntp_before,
+        "ntp_loss_after": final_ntp,
         "tokens_processed": sum(s["tokens_processed"] for s in steps) + L,
         "seconds_adapt": sum(s["seconds"] for s in steps),
         "seconds_final_read": clock.phases["final_read"],

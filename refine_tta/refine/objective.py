@@ -40,9 +40,22 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    logp = torch.log_softmax(logits.float() / temperature, dim=-1)  # [..., V]
+    return entropy_from_logprobs(torch.log_softmax(logits.float() / temperature, dim=-1))
+
+
+def entropy_from_logprobs(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats of a distribution given as log-probabilities. logp [..., V] -> [...].
+
+    For a read that has computed ``log_softmax`` already (for its cross-entropy); same values as
+    ``token_entropy`` on the logits.
+    """
     p = logp.exp()
-    # 0 * log 0 = 0; masking logp (not the product) keeps the backward free of 0 * inf.
+    # One fused multiply-add pass over V when every log-prob is finite (always, for finite logits).
+    entropy = -torch.einsum("...v,...v->...", p, logp)
+    if bool(torch.isfinite(entropy).all()):
+        return entropy
+    # A -inf log-prob made 0 * -inf = NaN: 0 * log 0 = 0; masking logp (not the product) keeps the
+    # backward free of 0 * inf.
     logp = logp.masked_fill(~torch.isfinite(logp), 0.0)
     return -(p * logp).sum(dim=-1)
 

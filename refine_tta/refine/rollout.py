@@ -2,9 +2,11 @@
 
 Two ways to get the same numbers:
 
-* **branch** (ours): the document is read once with gradients, cut at the rollout starts, keeping
-  the state at each start; rollouts, their old log-probs and the update all run from those states,
-  batched, and the gradient reaches the prefix through the carried states.
+* **branch** (ours): the document is read once with gradients (``read_for_step``); that read's
+  own logits give the NTP loss and the entropy that picks the rollout starts, and it keeps what it
+  takes to give the state after any prefix, so the states at the starts come from it after the
+  selection; rollouts, their old log-probs and the update all run from those states, batched, and
+  the gradient reaches the prefix through the carried states.
 * **reference** (the paper's code): every rollout re-reads its prefix, once to sample, once for old
   log-probs and once, with gradients, for the update.
 
@@ -19,8 +21,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from refine_tta.model.runtime import read
+from refine_tta.model.runtime import BOUNDARY_TOKENS, PrefixStates, read, read_keeping_states
 from refine_tta.model.state import DocumentState
+from refine_tta.refine.objective import entropy_from_logprobs
 
 
 def sample_with_uniform(logits: torch.Tensor, u: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -78,10 +81,43 @@ def read_segmented(model, ids: torch.Tensor, cuts: list[int]) -> SegmentedRead:
 
 def branch_states(states: dict[int, DocumentState], starts: list[int], n: int) -> DocumentState:
     """Stack the states at each start (in order) and repeat each n times: batch [P * n]."""
-    stacked = DocumentState.stack([states[r] for r in starts])
-    if n == 1:
-        return stacked
-    return stacked.map(lambda t: t.repeat_interleave(n, dim=0))
+    return repeat_branches(DocumentState.stack([states[r] for r in starts]), n)
+
+
+def repeat_branches(stacked: DocumentState, n: int) -> DocumentState:
+    """Each row of a batch-P state repeated n times in place: batch [P * n]."""
+    return stacked if n == 1 else stacked.map(lambda t: t.repeat_interleave(n, dim=0))
+
+
+@dataclass
+class StepRead:
+    """One read of the document with gradients, for one REFINE step.
+
+    ntp_sum: summed next-token CE (with grad); n_targets: L - 1; entropy [L] (nats, no grad) and
+    hidden [L, D] (last layer after the final norm, no grad): the per-position scores the
+    selection and the cosine reward use; prefixes: the state after any prefix (with grad).
+    """
+
+    ntp_sum: torch.Tensor
+    n_targets: int
+    entropy: torch.Tensor
+    hidden: torch.Tensor
+    prefixes: PrefixStates
+
+
+def read_for_step(model, ids: torch.Tensor, every: int = BOUNDARY_TOKENS) -> StepRead:
+    """Read ids [1, L] once with gradients: the NTP loss, the scores and the prefix states.
+
+    One log-softmax over the logits serves both the cross-entropy (``F.cross_entropy`` is
+    ``nll_loss(log_softmax)``: the same numbers) and the entropy.
+    """
+    L = ids.shape[1]
+    kept = read_keeping_states(model, ids, every)
+    logp = F.log_softmax(kept.logits[0].float(), dim=-1)  # [L, V]
+    ntp_sum = F.nll_loss(logp[:L - 1], ids[0, 1:], reduction="sum")
+    with torch.no_grad():  # in blocks of rows: each block's exp stays in cache (half the time of one pass)
+        entropy = torch.cat([entropy_from_logprobs(block) for block in logp.split(64)])  # [L]
+    return StepRead(ntp_sum, L - 1, entropy, kept.hidden[0].detach(), kept.prefixes)
 
 
 @torch.no_grad()
