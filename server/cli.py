@@ -60,6 +60,10 @@ SETTING_OPTIONS: dict[str, tuple[str, dict]] = {
     "state_dir": ("--state-dir", {"type": Path, "help": "directory where sessions are kept"}),
     "api_keys": ("--api-key", {"action": "append", "metavar": "KEY",
                                "help": "accept this API key (repeatable); none = no auth"}),
+    "metrics_key": ("--metrics-key", {"metavar": "KEY", "help": "operator key for /metrics (tenant API keys "
+                                                                "get 403 there)"}),
+    "docs": ("--docs", {"action": "store_true", "help": "serve Swagger UI (/docs) and ReDoc (/redoc); their "
+                                                        "assets load from a CDN"}),
     "device": ("--device", {"help": "auto, cpu, cuda, cuda:N (default auto)"}),
     "dtype": ("--dtype", {"choices": ["float32", "bfloat16", "float16"],
                           "help": "default: bf16 on CUDA, fp32 on CPU"}),

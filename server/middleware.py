@@ -19,7 +19,7 @@ from starlette.datastructures import Headers, MutableHeaders
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import AuthenticationFailed, BodyTooLarge, describe
+from server.errors import AuthenticationFailed, BodyTooLarge, PermissionDenied, describe, leaf_routes
 from server.metrics import ServerMetrics
 
 REQUEST_ID_HEADER = "x-request-id"
@@ -49,7 +49,7 @@ class RequestContextMiddleware:
     def _route(self, scope: Scope) -> str:
         route = scope.get("route")
         if route is None:  # answered before routing (401, 413): find the route it was meant for
-            for candidate in self.routes():
+            for candidate in leaf_routes(list(self.routes())):
                 match, _ = candidate.matches(scope)
                 if match == Match.FULL:
                     route = candidate
@@ -96,40 +96,74 @@ class RequestContextMiddleware:
             record()  # a stream cut by the client still counts, with the status it started with
 
 
+def key_matches(candidate: bytes, keys: list[bytes]) -> bool:
+    """Whether ``candidate`` is one of ``keys``, comparing against every key (no early exit), each
+    in constant time, so the time taken says nothing about which key (if any) matched."""
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(candidate, key)
+    return matched
+
+
 class AuthMiddleware:
     """With keys configured, every path except ``open_paths`` needs ``Authorization: Bearer <key>``.
 
-    Sets ``scope["state"]["owner"]`` (a hash of the key, or None without keys)."""
+    ``operator_paths`` (``/metrics``) take only the operator key (``metrics_key``): a tenant key
+    there is a 403, so no tenant sees other tenants' counts. Without any tenant keys and without an
+    operator key, everything is open (a local development server).
+    Sets ``scope["state"]["owner"]`` (a hash of the tenant key, or None without keys)."""
 
-    def __init__(self, app: ASGIApp, api_keys: list[str], open_paths: frozenset[str] = frozenset({"/health"})):
+    def __init__(self, app: ASGIApp, api_keys: list[str], open_paths: frozenset[str] = frozenset({"/health"}),
+                 operator_key: str | None = None, operator_paths: frozenset[str] = frozenset({"/metrics"})):
         self.app = app
         self.keys = [key.encode("utf-8") for key in api_keys]
+        self.operator_keys = [operator_key.encode("utf-8")] if operator_key else []
         self.open_paths = open_paths
+        self.operator_paths = operator_paths
 
-    def _check(self, scope: Scope) -> str:
+    @staticmethod
+    def _token(scope: Scope) -> str:
         header = Headers(scope=scope).get("authorization")
         if not header:
-            raise AuthenticationFailed("missing API key: send the header 'Authorization: Bearer <key>'")
+            raise AuthenticationFailed("missing API key: send the header 'Authorization: Bearer <key>'",
+                                       "missing_api_key")
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise AuthenticationFailed("malformed Authorization header: expected 'Bearer <key>'")
-        candidate = token.encode("utf-8")
-        if not any(hmac.compare_digest(candidate, key) for key in self.keys):  # check all: constant time
+            raise AuthenticationFailed("malformed Authorization header: expected 'Bearer <key>'", "invalid_api_key")
+        return token
+
+    def _check(self, scope: Scope) -> str:
+        token = self._token(scope)
+        if not key_matches(token.encode("utf-8"), self.keys):
             raise AuthenticationFailed("invalid API key")
         return owner_of(token)
+
+    def _check_operator(self, scope: Scope) -> None:
+        token = self._token(scope).encode("utf-8")
+        operator, tenant = key_matches(token, self.operator_keys), key_matches(token, self.keys)
+        if operator:
+            return
+        if tenant:
+            raise PermissionDenied("this route is for the operator: send the operator key (metrics_key, "
+                                   "REFINE_TTA_METRICS_KEY), not a tenant API key")
+        raise AuthenticationFailed("invalid operator key")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         owner = None
-        if self.keys and scope["path"] not in self.open_paths:
-            try:
+        path = scope["path"]
+        try:
+            if path in self.operator_paths:
+                if self.keys or self.operator_keys:
+                    self._check_operator(scope)
+            elif self.keys and path not in self.open_paths:
                 owner = self._check(scope)
-            except AuthenticationFailed as exc:
-                await describe(exc).response()(scope, receive, send)
-                return
+        except (AuthenticationFailed, PermissionDenied) as exc:
+            await describe(exc).response()(scope, receive, send)
+            return
         scope.setdefault("state", {})["owner"] = owner
         await self.app(scope, receive, send)
 

@@ -2,41 +2,30 @@
 
 :class:`Serving` owns the translation from a typed request to an engine job (settings over the
 server's defaults, sampling with the server's caps), the server-sent-event streams (built in one
-place, :meth:`Serving._stream`) and the OpenAI completions translation. It uses only the engine's
-public surface (``refine_tta.engine``). Routes stay a few lines each: validate, call, return.
+place, :meth:`Serving._stream`), the OpenAI completions (batches, ``n``, ``echo``, ``logprobs``:
+the translation lives in :mod:`server.openai_compat`) and vLLM's tokenizer routes. It uses only the
+engine's public surface (``refine_tta.engine``). Routes stay a few lines each: validate, call, return.
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
-from refine_tta.engine import (
-    Engine,
-    GenerationResult,
-    InvalidSettings,
-    JobHandle,
-    NotFound,
-    RefineConfig,
-    SamplingConfig,
-    is_session_id,
-)
-from server.errors import describe
+from refine_tta.engine import Engine, InvalidSettings, JobHandle, RefineConfig, SamplingConfig
+from server import openai_compat
+from server.errors import BadParameter, bad_sampling, describe
 from server.schemas import (
     AdaptRequest,
     AdaptResponse,
-    Completion,
-    CompletionChoice,
     CompletionRequest,
-    CompletionUsage,
     DeleteResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
     GenerateRequest,
     GenerateResponse,
     Health,
@@ -45,12 +34,13 @@ from server.schemas import (
     SessionInfo,
     SessionList,
     TokenEvent,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
 )
 from server.streaming import EventBridge, sse, wait_for_job
 
-DEFAULT_MAX_TOKENS = 64  # /v1/generate
-OPENAI_DEFAULT_MAX_TOKENS = 16  # /v1/completions, as OpenAI's
-_OPENAI_FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
+DEFAULT_MAX_TOKENS = 64  # /v1/generate (/v1/completions: openai_compat.DEFAULT_MAX_TOKENS, as OpenAI's)
 
 Event = dict[str, str]
 
@@ -80,7 +70,7 @@ class Serving:
             return SamplingConfig(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                                   stop=tuple(stop))
         except ValueError as exc:
-            raise InvalidSettings(str(exc)) from None
+            raise bad_sampling(exc) from None
 
     # ----------------------------------------------------------------------------------- routes
     def health(self) -> Health:
@@ -131,24 +121,52 @@ class Serving:
         return ModelList(data=[base, *sessions])
 
     async def complete(self, body: CompletionRequest, request: Request, owner: str | None) -> Any:
-        """OpenAI ``POST /v1/completions``: ``model`` names a session or the base model."""
-        session_id = None if body.model == self.engine.model_name else body.model
-        if session_id is not None and not is_session_id(session_id):
-            raise NotFound(f"model {body.model!r} not found: use a session id or the base model "
-                           f"{self.engine.model_name!r}")
-        seed = body.seed if body.seed is not None else secrets.randbelow(2**31)
-        sampling = self.sampling(body.max_tokens, OPENAI_DEFAULT_MAX_TOKENS, body.temperature, body.top_p, seed,
-                                 body.stops)
-        completion = _OpenAICompletion(body.model, include_usage=body.include_usage)
-        if not body.stream:
-            handle = await run_in_threadpool(self.engine.submit_generate, session_id, body.prompt_text, sampling,
-                                             owner)
-            return completion.whole(await wait_for_job(handle, request))
-        return await self._stream(
-            lambda on_text: self.engine.submit_generate(session_id, body.prompt_text, sampling, owner, on_text),
-            item=lambda piece, token: {"data": completion.chunk(piece, None)},
-            done=completion.last_chunks,
-            error=lambda exc: {"data": describe(exc).json()})
+        """OpenAI ``POST /v1/completions``: ``model`` names a session or the base model; a batch of
+        prompts, ``n``, ``echo`` and ``logprobs`` (:mod:`server.openai_compat`)."""
+        engine = self.engine
+        session_id = openai_compat.session_of(engine, body.model)
+        openai_compat.refuse_unsupported(body)
+        seed = openai_compat.new_seed(body)
+        sampling = openai_compat.sampling_of(engine, body, seed)  # bad sampling values fail before any work
+        if session_id is not None:
+            engine.sessions.info(session_id, owner)
+        prompts = await run_in_threadpool(openai_compat.encode_prompts, engine, session_id, body)
+        completion = openai_compat.CompletionBodies(body.model, include_usage=body.include_usage)
+        if body.stream:  # one prompt, n = 1 (refuse_unsupported)
+            prompt = prompts[0]
+            return await self._stream(
+                lambda on_text: engine.submit_generate(session_id, prompt.ids, sampling, owner, on_text),
+                item=lambda piece, token: {"data": completion.chunk(piece, None)},
+                done=lambda result: completion.last_chunks(prompt, result),
+                error=lambda exc: {"data": describe(exc).json()})
+        results = await openai_compat.generate_all(engine, request, session_id, prompts, body, seed, owner)
+        logprobs = (await openai_compat.score_choices(engine, request, session_id, prompts, results, body, owner)
+                    if body.logprobs is not None else [None] * len(results))
+        return completion.whole(prompts, results, logprobs, body)
+
+    # ------------------------------------------------------------------------- tokenize (vLLM)
+    def _check_model(self, model: str | None, owner: str | None) -> None:
+        """404 unless ``model`` (if given) is the base model or one of the caller's sessions."""
+        if model is not None and (session_id := openai_compat.session_of(self.engine, model)) is not None:
+            self.engine.sessions.info(session_id, owner)
+
+    async def tokenize(self, body: TokenizeRequest, owner: str | None) -> TokenizeResponse:
+        """vLLM's ``/tokenize``: the ids of ``prompt`` (every model here shares the base tokenizer)."""
+        self._check_model(body.model, owner)
+        ids = await run_in_threadpool(self.engine.encode, body.prompt, body.add_special_tokens)
+        return TokenizeResponse(count=len(ids), max_model_len=self.engine.limits.max_prompt_tokens, tokens=ids)
+
+    async def detokenize(self, body: DetokenizeRequest, owner: str | None) -> DetokenizeResponse:
+        """vLLM's ``/detokenize``: the text of token ids (special tokens left out)."""
+        self._check_model(body.model, owner)
+        bad = [t for t in body.tokens if t >= self.engine.vocab_size]
+        if bad:
+            raise BadParameter(f"token id {bad[0]} is out of range [0, {self.engine.vocab_size})", "tokens")
+        return DetokenizeResponse(prompt=await run_in_threadpool(self.engine.decode, body.tokens))
+
+    def tokenizer_info(self) -> TokenizerInfo:
+        """vLLM's ``/tokenizer_info``: the special tokens of the one tokenizer every model here shares."""
+        return TokenizerInfo(**self.engine.special_tokens(), model_max_length=self.engine.limits.max_prompt_tokens)
 
     # -------------------------------------------------------------------------------- streaming
     async def _stream(self, submit: Callable[[Callable[..., None]], JobHandle], item: Callable[..., Event],
@@ -172,31 +190,3 @@ class Serving:
 
         return sse(events(), handle)
 
-
-class _OpenAICompletion:
-    """The bodies of one OpenAI completion: whole, or as stream chunks."""
-
-    def __init__(self, model: str, include_usage: bool):
-        self.id, self.created, self.model = "cmpl-" + uuid.uuid4().hex, int(time.time()), model
-        self.include_usage = include_usage
-
-    def _body(self, choices: list[CompletionChoice], usage: CompletionUsage | None = None) -> Completion:
-        return Completion(id=self.id, created=self.created, model=self.model, usage=usage, choices=choices)
-
-    @staticmethod
-    def usage(result: GenerationResult) -> CompletionUsage:
-        return CompletionUsage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens),
-                               total_tokens=result.prompt_tokens + len(result.tokens))
-
-    def whole(self, result: GenerationResult) -> Completion:
-        choice = CompletionChoice(text=result.text, finish_reason=_OPENAI_FINISH[result.finish_reason])
-        return self._body([choice], self.usage(result))
-
-    def chunk(self, text: str, finish: str | None) -> str:
-        return self._body([CompletionChoice(text=text, finish_reason=finish)]).model_dump_json(exclude_none=True)
-
-    def last_chunks(self, result: GenerationResult) -> list[Event]:
-        events = [{"data": self.chunk("", _OPENAI_FINISH[result.finish_reason])}]
-        if self.include_usage:
-            events.append({"data": self._body([], self.usage(result)).model_dump_json()})
-        return events + [{"data": "[DONE]"}]

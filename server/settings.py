@@ -39,6 +39,10 @@ class ServerSettings(BaseSettings):
     state_dir: Path = Field(default_factory=default_state_dir, description="where sessions are kept")
     api_keys: Annotated[list[str], NoDecode] = Field(default_factory=list,
                                                      description="comma-separated; empty = no auth")
+    metrics_key: str | None = Field(None, description="operator key for /metrics; with api_keys set and no "
+                                                      "metrics_key, /metrics answers no one")
+    docs: bool = Field(False, description="serve Swagger UI at /docs and ReDoc at /redoc (their scripts load "
+                                          "from a CDN); /openapi.json is always served")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'")
     dtype: str | None = Field(None, description="float32 / bfloat16 / float16; default per device")
     backend: str | None = Field(None, description="kernel backend 'fla' or 'torch'; default per device")

@@ -290,7 +290,7 @@ def test_queue_full_retry_after_is_estimated_from_the_running_adaptation(loaded,
 
 
 def test_a_failing_step_fails_its_generations_and_the_worker_carries_on(engine, monkeypatch):
-    serving_model = engine._batch.decoder.model  # the worker's serving copy (white-box: inject a fault)
+    serving_model = engine._batch.decoder.model  # the model the worker decodes with (white-box: inject a fault)
     calls = {"n": 0}
     inner = serving_model.lm_head.forward
 

@@ -71,7 +71,7 @@ def metric(text: str, name: str) -> float:
 
 def error_of(r: httpx.Response) -> dict:
     body = r.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"type", "message"}, body
+    assert set(body) == {"error"} and set(body["error"]) == {"type", "message", "param", "code"}, body
     return body["error"]
 
 
@@ -134,7 +134,8 @@ def test_a_bug_is_a_500_in_the_contract_shape(client, caplog):
     client.app.add_api_route("/boom", boom)
     r = client.get("/boom", headers={"x-request-id": "bug-1"})
     assert r.status_code == 500 and r.headers["x-request-id"] == "bug-1"
-    assert error_of(r) == {"type": "internal_error", "message": "internal error (RuntimeError); see the server log"}
+    assert error_of(r) == {"type": "internal_error", "message": "internal error (RuntimeError); see the server log",
+                           "param": None, "code": "internal_error"}
     assert "a bug" in caplog.text
 
 
@@ -187,42 +188,42 @@ BAD_INPUTS = [
     # (id, method, path, json body or raw bytes, status, type, words the message must contain)
     ("malformed-json", "POST", "/v1/adapt", b'{"document": ', 400, "invalid_request", ["malformed JSON"]),
     ("malformed-json-generate", "POST", "/v1/generate", b"{prompt}", 400, "invalid_request", ["malformed JSON"]),
-    ("not-an-object", "POST", "/v1/adapt", b"[1, 2]", 422, "invalid_request", ["JSON object"]),
-    ("document-wrong-type", "POST", "/v1/adapt", {"document": 5}, 422, "invalid_request", ["document"]),
-    ("document-missing", "POST", "/v1/adapt", {"settings": {}}, 422, "invalid_request", ["document", "required"]),
-    ("document-empty", "POST", "/v1/adapt", {"document": ""}, 422, "invalid_request", ["document"]),
-    ("steps-as-string", "POST", "/v1/adapt", {"document": "d", "settings": {"steps": "2"}}, 422, "invalid_request",
+    ("not-an-object", "POST", "/v1/adapt", b"[1, 2]", 400, "invalid_request", ["JSON object"]),
+    ("document-wrong-type", "POST", "/v1/adapt", {"document": 5}, 400, "invalid_request", ["document"]),
+    ("document-missing", "POST", "/v1/adapt", {"settings": {}}, 400, "invalid_request", ["document", "required"]),
+    ("document-empty", "POST", "/v1/adapt", {"document": ""}, 400, "invalid_request", ["document"]),
+    ("steps-as-string", "POST", "/v1/adapt", {"document": "d", "settings": {"steps": "2"}}, 400, "invalid_request",
      ["settings.steps"]),
-    ("stream-wrong-type", "POST", "/v1/adapt", {"document": "d", "stream": "yes"}, 422, "invalid_request",
+    ("stream-wrong-type", "POST", "/v1/adapt", {"document": "d", "stream": "yes"}, 400, "invalid_request",
      ["stream"]),
-    ("unknown-setting", "POST", "/v1/adapt", {"document": "d", "settings": {"kk": 1}}, 422, "invalid_request",
+    ("unknown-setting", "POST", "/v1/adapt", {"document": "d", "settings": {"kk": 1}}, 400, "invalid_request",
      ["settings.kk", "unknown field"]),
     ("k-zero", "POST", "/v1/adapt", {"document": "DOC", "settings": {"k": 0}}, 400, "invalid_request",
-     ["k must be >= 1"]),
+     ["settings.k", "greater than or equal to 1"]),
     ("unknown-reward", "POST", "/v1/adapt", {"document": "DOC", "settings": {"reward": "bleu"}}, 400,
-     "invalid_request", ["reward", "bleu"]),
+     "invalid_request", ["settings.reward", "'hybrid'"]),
     ("negative-lr", "POST", "/v1/adapt", {"document": "DOC", "settings": {"lr": -1.0}}, 400, "invalid_request",
      ["lr"]),
     ("document-too-short", "POST", "/v1/adapt", {"document": "Hi."}, 400, "invalid_request", ["needs at least"]),
-    ("steps-over-limit", "POST", "/v1/adapt", {"document": "DOC", "settings": {"steps": 5}}, 413, "limit_exceeded",
+    ("steps-over-limit", "POST", "/v1/adapt", {"document": "DOC", "settings": {"steps": 5}}, 400, "invalid_request",
      ["max_steps=4"]),
     ("document-over-limit", "POST", "/v1/adapt", {"document": "LONGDOC"}, 413, "limit_exceeded",
      ["max_document_tokens=600"]),
     ("body-over-limit", "POST", "/v1/adapt", {"document": "x" * 30000}, 413, "limit_exceeded",
      ["max_body_bytes=20000"]),
-    ("prompt-missing", "POST", "/v1/generate", {"max_tokens": 3}, 422, "invalid_request", ["prompt", "required"]),
-    ("prompt-over-limit", "POST", "/v1/generate", {"prompt": "DOC"}, 413, "limit_exceeded",
+    ("prompt-missing", "POST", "/v1/generate", {"max_tokens": 3}, 400, "invalid_request", ["prompt", "required"]),
+    ("prompt-over-limit", "POST", "/v1/generate", {"prompt": "DOC"}, 400, "invalid_request",
      ["max_prompt_tokens=64"]),
-    ("max-tokens-over-limit", "POST", "/v1/generate", {"prompt": "a", "max_tokens": 33}, 413, "limit_exceeded",
+    ("max-tokens-over-limit", "POST", "/v1/generate", {"prompt": "a", "max_tokens": 33}, 400, "invalid_request",
      ["max_new_tokens=32"]),
-    ("max-tokens-zero", "POST", "/v1/generate", {"prompt": "a", "max_tokens": 0}, 422, "invalid_request",
+    ("max-tokens-zero", "POST", "/v1/generate", {"prompt": "a", "max_tokens": 0}, 400, "invalid_request",
      ["max_tokens"]),
-    ("max-tokens-string", "POST", "/v1/generate", {"prompt": "a", "max_tokens": "8"}, 422, "invalid_request",
+    ("max-tokens-string", "POST", "/v1/generate", {"prompt": "a", "max_tokens": "8"}, 400, "invalid_request",
      ["max_tokens"]),
-    ("temperature-negative", "POST", "/v1/generate", {"prompt": "a", "temperature": -1}, 422, "invalid_request",
+    ("temperature-negative", "POST", "/v1/generate", {"prompt": "a", "temperature": -1}, 400, "invalid_request",
      ["temperature"]),
-    ("top-p-zero", "POST", "/v1/generate", {"prompt": "a", "top_p": 0}, 422, "invalid_request", ["top_p"]),
-    ("empty-stop", "POST", "/v1/generate", {"prompt": "a", "stop": [""]}, 422, "invalid_request", ["stop"]),
+    ("top-p-zero", "POST", "/v1/generate", {"prompt": "a", "top_p": 0}, 400, "invalid_request", ["top_p"]),
+    ("empty-stop", "POST", "/v1/generate", {"prompt": "a", "stop": [""]}, 400, "invalid_request", ["stop"]),
     ("unknown-session", "POST", "/v1/generate", {"session_id": UNKNOWN, "prompt": "a"}, 404, "not_found",
      [UNKNOWN, "not found"]),
     ("malformed-session", "POST", "/v1/generate", {"session_id": "../../etc", "prompt": "a"}, 404, "not_found",
@@ -233,32 +234,68 @@ BAD_INPUTS = [
     ("wrong-method", "DELETE", "/v1/sessions", None, 405, "invalid_request", ["DELETE"]),
     ("completion-unknown-model", "POST", "/v1/completions", {"model": "gpt-4", "prompt": "a"}, 404, "not_found",
      ["gpt-4"]),
-    ("completion-n", "POST", "/v1/completions", {"model": "M", "prompt": "a", "n": 2}, 422, "invalid_request", ["n"]),
-    ("completion-two-prompts", "POST", "/v1/completions", {"model": "M", "prompt": ["a", "b"]}, 422,
-     "invalid_request", ["prompt"]),
-    ("completion-echo", "POST", "/v1/completions", {"model": "M", "prompt": "a", "echo": True}, 422,
+    ("completion-n", "POST", "/v1/completions", {"model": "M", "prompt": "a", "n": 100}, 400, "invalid_request",
+     ["n"]),
+    ("completion-batch", "POST", "/v1/completions", {"model": "M", "prompt": ["a"] * 9, "n": 4}, 400,
+     "invalid_request", ["9 prompts", "n=4"]),
+    ("completion-over-queue", "POST", "/v1/completions", {"model": "M", "prompt": ["a"] * 5}, 400,
+     "invalid_request", ["queue_size=4"]),
+    ("completion-presence-penalty", "POST", "/v1/completions", {"model": "M", "prompt": "a", "presence_penalty": 0.5},
+     400, "invalid_request", ["presence_penalty", "not supported"]),
+    ("completion-frequency-penalty", "POST", "/v1/completions",
+     {"model": "M", "prompt": "a", "frequency_penalty": -1}, 400, "invalid_request", ["frequency_penalty"]),
+    ("completion-logit-bias", "POST", "/v1/completions", {"model": "M", "prompt": "a", "logit_bias": {"5": 1}},
+     400, "invalid_request", ["logit_bias"]),
+    ("completion-suffix", "POST", "/v1/completions", {"model": "M", "prompt": "a", "suffix": "b"}, 400,
+     "invalid_request", ["suffix"]),
+    ("completion-best-of", "POST", "/v1/completions", {"model": "M", "prompt": "a", "best_of": 3}, 400,
+     "invalid_request", ["best_of"]),
+    ("completion-max-tokens-zero", "POST", "/v1/completions", {"model": "M", "prompt": "a", "max_tokens": 0}, 400,
      "invalid_request", ["echo"]),
-    ("too-many-rollouts", "POST", "/v1/adapt", {"document": "DOC", "settings": {"n": 100000}}, 413,
-     "limit_exceeded", ["max_rollout_tokens=8192"]),
-    ("lora-rank", "POST", "/v1/adapt", {"document": "DOC", "settings": {"scope": "lora", "lora_rank": 100000}}, 413,
-     "limit_exceeded", ["max_lora_rank=256"]),
+    ("completion-stream-echo", "POST", "/v1/completions", {"model": "M", "prompt": "a", "stream": True,
+                                                           "echo": True}, 400, "invalid_request", ["stream"]),
+    ("completion-token-out-of-range", "POST", "/v1/completions", {"model": "M", "prompt": [5, 10**9]}, 400,
+     "invalid_request", ["out of range"]),
+    ("completion-logprobs-over", "POST", "/v1/completions", {"model": "M", "prompt": "a", "logprobs": 21}, 400,
+     "invalid_request", ["logprobs"]),
+    ("tokenize-unknown-model", "POST", "/tokenize", {"model": "gpt-4", "prompt": "a"}, 404, "not_found", ["gpt-4"]),
+    ("detokenize-out-of-range", "POST", "/detokenize", {"tokens": [10**9]}, 400, "invalid_request",
+     ["out of range"]),
+    ("temperature-infinite", "POST", "/v1/generate", b'{"prompt": "a", "temperature": 1e309}', 400,
+     "invalid_request", ["1e309", "finite"]),
+    ("temperature-infinity-literal", "POST", "/v1/generate", b'{"prompt": "a", "temperature": Infinity}', 400,
+     "invalid_request", ["Infinity"]),
+    ("temperature-over-two", "POST", "/v1/generate", {"prompt": "a", "temperature": 5}, 400, "invalid_request",
+     ["temperature"]),
+    ("lr-huge", "POST", "/v1/adapt", {"document": "d", "settings": {"lr": 1e30}}, 400, "invalid_request",
+     ["settings.lr"]),
+    ("unknown-mode", "POST", "/v1/adapt", {"document": "d", "settings": {"mode": "magic"}}, 400, "invalid_request",
+     ["settings.mode"]),
+    ("deep-nesting", "POST", "/v1/generate", b'{"prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
+     "invalid_request", ["nested"]),
+    ("invalid-utf8", "POST", "/v1/generate", b'{"prompt": "\xff\xfe"}'.decode("unicode_escape").encode("latin-1"),
+     400, "invalid_request", ["UTF-8"]),
+    ("too-many-rollouts", "POST", "/v1/adapt", {"document": "DOC", "settings": {"n": 100000}}, 400,
+     "invalid_request", ["max_rollout_tokens=8192"]),
+    ("lora-rank", "POST", "/v1/adapt", {"document": "DOC", "settings": {"scope": "lora", "lora_rank": 100000}}, 400,
+     "invalid_request", ["max_lora_rank=256"]),
     ("layer-out-of-range", "POST", "/v1/adapt", {"document": "DOC", "settings": {"scope": "layers", "layers": [9]}},
      400, "invalid_request", ["out of range"]),
     ("unknown-lora-target", "POST", "/v1/adapt",
      {"document": "DOC", "settings": {"scope": "lora", "lora_targets": ["nope_proj"]}}, 400, "invalid_request",
      ["nope_proj"]),
-    ("seed-too-big", "POST", "/v1/generate", {"prompt": "a", "seed": 2**64}, 422, "invalid_request", ["seed"]),
-    ("adapt-seed-too-big", "POST", "/v1/adapt", {"document": "DOC", "settings": {"seed": 2**70}}, 422,
+    ("seed-too-big", "POST", "/v1/generate", {"prompt": "a", "seed": 2**64}, 400, "invalid_request", ["seed"]),
+    ("adapt-seed-too-big", "POST", "/v1/adapt", {"document": "DOC", "settings": {"seed": 2**70}}, 400,
      "invalid_request", ["settings.seed"]),
     ("tiny-temperature", "POST", "/v1/generate", {"prompt": "a", "temperature": 1e-40}, 400, "invalid_request",
      ["temperature"]),
-    ("lone-surrogate-prompt", "POST", "/v1/generate", b'{"prompt": "a\\ud800"}', 422, "invalid_request",
+    ("lone-surrogate-prompt", "POST", "/v1/generate", b'{"prompt": "a\\ud800"}', 400, "invalid_request",
      ["prompt"]),
-    ("lone-surrogate-document", "POST", "/v1/adapt", b'{"document": "a\\ud800"}', 422, "invalid_request",
+    ("lone-surrogate-document", "POST", "/v1/adapt", b'{"document": "a\\ud800"}', 400, "invalid_request",
      ["document"]),
-    ("nan-lr", "POST", "/v1/adapt", b'{"document": "x", "settings": {"lr": NaN}}', 400, "invalid_request", ["lr"]),
-    ("completion-max-tokens", "POST", "/v1/completions", {"model": "M", "prompt": "a", "max_tokens": 100}, 413,
-     "limit_exceeded", ["max_new_tokens=32"]),
+    ("nan-lr", "POST", "/v1/adapt", b'{"document": "x", "settings": {"lr": NaN}}', 400, "invalid_request", ["NaN"]),
+    ("completion-max-tokens", "POST", "/v1/completions", {"model": "M", "prompt": "a", "max_tokens": 100}, 400,
+     "invalid_request", ["max_new_tokens=32"]),
 ]
 
 
@@ -276,6 +313,52 @@ def test_bad_inputs_get_a_clear_4xx(client, tok, doc, case):
     assert err["type"] == kind
     for word in words:
         assert word in err["message"], err["message"]
+
+
+PARAMS = [
+    # (id, path, body, param, code): what an OpenAI client reads to show which field is wrong
+    ("max-tokens", "/v1/generate", {"prompt": "a", "max_tokens": 33}, "max_tokens", "limit_exceeded"),
+    ("prompt", "/v1/generate", {"prompt": "DOC"}, "prompt", "limit_exceeded"),
+    ("steps", "/v1/adapt", {"document": "DOC", "settings": {"steps": 5}}, "settings.steps", "limit_exceeded"),
+    ("type", "/v1/generate", {"prompt": 5}, "prompt", "invalid_type"),
+    ("unknown", "/v1/adapt", {"document": "d", "kk": 1}, "kk", "unknown_field"),
+    ("stop", "/v1/generate", {"prompt": "a", "stop": ["x", ""]}, "stop.1", "invalid_value"),
+    ("penalty", "/v1/completions", {"model": "M", "prompt": "a", "presence_penalty": 1}, "presence_penalty",
+     "unsupported"),
+    ("json", "/v1/generate", b"{", None, "invalid_json"),
+    ("document", "/v1/adapt", {"document": "LONGDOC"}, "document", "limit_exceeded"),
+]
+
+
+@pytest.mark.parametrize("case", PARAMS, ids=[c[0] for c in PARAMS])
+def test_errors_name_the_param_and_code(client, tok, doc, case):
+    _, path, body, param, code = case
+    if isinstance(body, dict):
+        text = json.dumps(body).replace('"DOC"', json.dumps(doc)).replace('"LONGDOC"', json.dumps(document(tok, 700)))
+        body = text.replace('"M"', json.dumps(client.get("/health").json()["model"])).encode()
+    r = client.post(path, content=body, headers={"content-type": "application/json"})
+    assert r.status_code in (400, 413), r.text
+    assert (error_of(r)["param"], error_of(r)["code"]) == (param, code)
+
+
+def test_non_json_content_type_is_400_and_405_lists_every_method(client):
+    r = client.post("/v1/generate", content=b"prompt=a", headers={"content-type": "text/plain"})
+    assert r.status_code == 400 and "JSON object" in error_of(r)["message"]
+    r = client.post(f"/v1/sessions/{UNKNOWN}")
+    assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "DELETE"}
+
+
+def test_tiny_top_p_keeps_the_most_likely_token(client):
+    for path, body in (("/v1/generate", {"prompt": "The", "max_tokens": 4, "temperature": 1.0}),
+                       ("/v1/completions", {"model": "M", "prompt": "The", "max_tokens": 4})):
+        body = {**body, "top_p": 1e-46, "seed": 1}
+        if "model" in body:
+            body["model"] = client.get("/health").json()["model"]
+        greedy = client.post(path, json={**body, "temperature": 0.0, "top_p": 1.0}).json()
+        r = client.post(path, json=body)
+        assert r.status_code == 200, r.text
+        assert r.json()["tokens" if path == "/v1/generate" else "choices"] == \
+            greedy["tokens" if path == "/v1/generate" else "choices"]
 
 
 def test_chunked_body_over_the_limit_is_413(client):
@@ -383,8 +466,15 @@ def test_openai_completions_shape(client, session_id):
 
 def test_auth(tiny, tmp_path, doc):
     keys = {"a": "Bearer key-a", "b": "Bearer key-b"}
-    with app_client(tiny, tmp_path, refine_defaults=DEFAULTS, api_keys="key-a,key-b") as c:
+    with app_client(tiny, tmp_path, refine_defaults=DEFAULTS, api_keys="key-a,key-b", metrics_key="ops") as c:
         assert c.get("/health").status_code == 200  # open
+        assert c.get("/openapi.json").status_code == 200  # the contract is public
+        r = c.get("/metrics", headers={"Authorization": keys["a"]})  # a tenant sees no one's counts
+        assert r.status_code == 403 and error_of(r)["type"] == "permission_denied"
+        assert c.get("/metrics", headers={"Authorization": "Bearer ops"}).status_code == 200
+        assert c.get("/v1/sessions", headers={"Authorization": "Bearer ops"}).status_code == 401
+        metrics = c.get("/metrics", headers={"Authorization": "Bearer ops"}).text  # a 401 counts under its route
+        assert re.search(r'refine_tta_requests_total\{method="GET",route="/v1/sessions",status="401"\} \d', metrics)
         for headers, word in (({}, "missing"), ({"Authorization": "Bearer nope"}, "invalid"),
                               ({"Authorization": "Basic a2V5LWE="}, "Bearer")):
             for method, path in (("GET", "/v1/sessions"), ("POST", "/v1/adapt"), ("GET", "/metrics"),

@@ -34,8 +34,10 @@ def test_settings_schema_is_refine_configs_fields():
     assert AdaptSettings().given() == {}
 
 
-@pytest.mark.parametrize("settings", [{"steps": "2"}, {"bogus": 1}, {"seed": -1}, {"layers": "0"}],
-                         ids=["string-int", "unknown", "negative-seed", "string-list"])
+@pytest.mark.parametrize("settings", [{"steps": "2"}, {"bogus": 1}, {"seed": -1}, {"layers": "0"}, {"lr": 1e30},
+                                      {"mode": "bogus"}, {"lora_targets": []}],
+                         ids=["string-int", "unknown", "negative-seed", "string-list", "lr-over-range", "unknown-mode",
+                              "empty-targets"])
 def test_settings_schema_is_strict(settings):
     with pytest.raises(ValidationError):
         AdaptRequest.model_validate({"document": "text", "settings": settings})

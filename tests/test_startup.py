@@ -126,7 +126,7 @@ def test_every_setting_has_an_option_that_reaches_the_settings(tmp_path):
             "--max-rollout-tokens", "99", "--max-lora-rank", "4", "--retry-after-s", "2",
             "--session-memory-bytes", "none", "--session-disk-bytes", "1000", "--refine-preset", "library",
             "--refine-defaults", '{"steps": 2, "scope": "lora"}', "--log-level", "debug", "--threads", "3",
-            "--prune-sessions-at-start", "--shutdown-grace-s", "4.5"]
+            "--prune-sessions-at-start", "--shutdown-grace-s", "4.5", "--metrics-key", "ops", "--docs"]
     args = build_parser().parse_args(argv)
     settings = ServerSettings(**_overrides(args, list(ServerSettings.model_fields)))
     assert settings.model_dump() == {
@@ -135,7 +135,8 @@ def test_every_setting_has_an_option_that_reaches_the_settings(tmp_path):
         "max_document_tokens": 100, "max_prompt_tokens": 10, "max_new_tokens": 5, "max_steps": 7, "queue_size": 3,
         "max_rollout_tokens": 99, "max_lora_rank": 4, "retry_after_s": 2, "session_memory_bytes": None,
         "session_disk_bytes": 1000, "refine_preset": "library", "refine_defaults": {"steps": 2, "scope": "lora"},
-        "log_level": "debug", "threads": 3, "prune_sessions_at_start": True, "shutdown_grace_s": 4.5}
+        "log_level": "debug", "threads": 3, "prune_sessions_at_start": True, "shutdown_grace_s": 4.5,
+        "metrics_key": "ops", "docs": True}
 
 
 # --------------------------------------------------------------------------------- thread policy

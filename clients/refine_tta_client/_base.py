@@ -276,6 +276,7 @@ _STATUS_CLASSES: dict[int, type[APIStatusError]] = {
 _STATUS_OF_TYPE: dict[str, int] = {
     "invalid_request": 400,
     "authentication_error": 401,
+    "permission_denied": 403,
     "not_found": 404,
     "limit_exceeded": 413,
     "rate_limited": 429,

@@ -117,7 +117,8 @@ class BadRequestError(APIStatusError):
 
 
 class RequestTooLargeError(BadRequestError):
-    """413 ``limit_exceeded``: body, document or prompt over its limit (the message names it)."""
+    """413 ``limit_exceeded``: body or document too large (the message names the limit). Parameters over a
+    limit (``max_tokens``, prompt tokens, steps) are a 400 :class:`BadRequestError`."""
 
 
 class UnprocessableEntityError(BadRequestError):

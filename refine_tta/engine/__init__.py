@@ -14,6 +14,7 @@ from refine_tta.engine.engine import (
     GenerateJob,
     Job,
     JobHandle,
+    ScoreJob,
     jsonable,
 )
 from refine_tta.engine.errors import (
@@ -25,6 +26,7 @@ from refine_tta.engine.errors import (
     QueueFull,
     Unavailable,
 )
+from refine_tta.engine.scoring import TokenScores
 from refine_tta.engine.sessions import Session, SessionStore
 from refine_tta.engine.storage import (
     LockMode,
@@ -44,7 +46,7 @@ from refine_tta.refine.config import PRESETS, RefineConfig, preset
 __all__ = [
     "ADAPT_STARTED", "ADAPT_STEP", "AdaptJob", "Cancelled", "Engine", "EngineError", "EngineLimits", "EngineMetrics",
     "GenerateJob", "GenerationResult", "InvalidSettings", "Job", "JobHandle", "LimitExceeded", "LoadedModel",
-    "LockMode", "NotFound", "PRESETS", "QueueFull", "RefineConfig", "SamplingConfig", "Session", "SessionDamaged",
-    "SessionRefused", "SessionStorage", "SessionStore", "StateDirLock", "StateDirLocked", "StorageFull", "TextCodec",
-    "Unavailable", "generate_text", "is_session_id", "jsonable", "load_model", "new_session_id", "preset",
+    "LockMode", "NotFound", "PRESETS", "QueueFull", "RefineConfig", "SamplingConfig", "ScoreJob", "Session",
+    "SessionDamaged", "SessionRefused", "SessionStorage", "SessionStore", "StateDirLock", "StateDirLocked", "StorageFull",
+    "TextCodec", "TokenScores", "Unavailable", "generate_text", "is_session_id", "jsonable", "load_model", "new_session_id", "preset",
 ]

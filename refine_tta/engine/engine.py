@@ -43,6 +43,7 @@ import torch
 from refine_tta.engine.errors import Cancelled, EngineError, InvalidSettings, LimitExceeded, QueueFull, Unavailable
 from refine_tta.engine.generations import Finished, GenerationBatch, GenerationRequest
 from refine_tta.engine.scheduler import JobQueue, Stopwatch, Timings, retry_after_s
+from refine_tta.engine.scoring import TokenScores, score
 from refine_tta.engine.sessions import Session, SessionStore
 from refine_tta.engine.text import MIN_TEMPERATURE, SamplingConfig, TextCodec
 from refine_tta.model.loading import LoadedModel
@@ -191,6 +192,22 @@ class GenerateJob:
     owner: str | None
     on_text: Callable[[str, int], None] | None = None
     kind: str = "generate"
+
+
+@dataclass
+class ScoreJob:
+    """Score token sequences after a session's document (None: base model, nothing read), in
+    batched forward passes (:func:`~refine_tta.engine.scoring.score`) -> ``list[TokenScores]`` in
+    the order given."""
+
+    session_id: str | None
+    sequences: list[list[int]]
+    top_k: int
+    owner: str | None
+    kind: str = "score"
+
+    def run(self, engine: Engine, handle: JobHandle) -> list[TokenScores]:
+        return engine._run_score(self, handle)
 
 
 def jsonable(value: Any) -> Any:
@@ -412,20 +429,75 @@ class Engine:
             raise InvalidSettings(f"base_session {base_session!r} was adapted with scope {base_scope}; this "
                                   f"adaptation's scope is {scope_for(config).describe()}: they must be equal")
 
-    def submit_generate(self, session_id: str | None, prompt: str, sampling: SamplingConfig, owner: str | None,
-                        on_text: Callable[[str, int], None] | None = None) -> JobHandle:
+    @property
+    def eos_token_id(self) -> int | None:
+        return self._codec.eos_token_id
+
+    def special_tokens(self) -> dict[str, str | None]:
+        """The tokenizer's special tokens as text (``bos_token``, ``eos_token``, ``pad_token``, ``unk_token``)."""
+        tokenizer = self.loaded.tokenizer
+        names = ("bos_token", "eos_token", "pad_token", "unk_token")
+        return {name: value if isinstance(value := getattr(tokenizer, name, None), str) else None for name in names}
+
+    @property
+    def vocab_size(self) -> int:
+        """Token ids run from 0 to vocab_size - 1 (the model's embedding rows)."""
+        return int(self.loaded.model.get_input_embeddings().weight.shape[0])
+
+    def prompt_ids(self, session_id: str | None, prompt: str | list[int]) -> list[int]:
+        """A prompt as the ids the model reads, checked against ``max_prompt_tokens``.
+
+        Text is encoded with BOS for the base model (``session_id`` None) and without it after a
+        session's document. Token ids are taken as given (no BOS added), each checked in range."""
+        if isinstance(prompt, str):
+            ids = self.encode(prompt, add_special_tokens=session_id is None)
+        else:
+            ids = self._checked_ids(prompt)
+        if len(ids) > self.limits.max_prompt_tokens:
+            raise LimitExceeded("max_prompt_tokens", len(ids), self.limits.max_prompt_tokens, what="prompt tokens")
+        return ids
+
+    def _checked_ids(self, ids: list[int]) -> list[int]:
+        bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidSettings(f"token id {bad[0]!r} is out of range [0, {self.vocab_size})")
+        return list(ids)
+
+    def submit_generate(self, session_id: str | None, prompt: str | list[int], sampling: SamplingConfig,
+                        owner: str | None, on_text: Callable[[str, int], None] | None = None) -> JobHandle:
         """Check and queue a generation. ``session_id`` None = the base model with nothing read
-        (the prompt is read from scratch, with BOS); otherwise the prompt continues the session's
-        document. The future resolves to a :class:`GenerationResult`."""
+        (a text prompt is read from scratch, with BOS); otherwise the prompt continues the session's
+        document. ``prompt``: text, or token ids taken as given (:meth:`prompt_ids`). The future
+        resolves to a :class:`GenerationResult`."""
         if sampling.max_new_tokens > self.limits.max_new_tokens:
             raise LimitExceeded("max_new_tokens", sampling.max_new_tokens, self.limits.max_new_tokens,
                                 what="max_tokens")
         if session_id is not None:
             self.sessions.info(session_id, owner)  # NotFound now rather than after the queue
-        ids = self.encode(prompt, add_special_tokens=session_id is None)
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise LimitExceeded("max_prompt_tokens", len(ids), self.limits.max_prompt_tokens, what="prompt tokens")
+        ids = self.prompt_ids(session_id, prompt)
+        if not ids and session_id is None:
+            raise InvalidSettings("the prompt is empty and there is no document to continue")
         return self.submit(GenerateJob(session_id, ids, sampling, owner, on_text))
+
+    def submit_score(self, session_id: str | None, sequences: list[list[int]], top_k: int,
+                     owner: str | None) -> JobHandle:
+        """Check and queue the scoring of token sequences (a prompt, or a prompt and its completion:
+        each at most ``max_prompt_tokens + max_new_tokens`` ids) after a session's document or from
+        nothing (base model); one queue slot for all of them. The future resolves to
+        ``list[TokenScores]``."""
+        if session_id is not None:
+            self.sessions.info(session_id, owner)
+        if not 0 <= top_k <= self.vocab_size:
+            raise InvalidSettings(f"top_k must be in [0, {self.vocab_size}], got {top_k}")
+        if not sequences or any(not ids for ids in sequences):
+            raise InvalidSettings("nothing to score: every sequence needs at least one token")
+        longest = self.limits.max_prompt_tokens + self.limits.max_new_tokens
+        for ids in sequences:
+            self._checked_ids(ids)
+            if len(ids) > longest:
+                raise LimitExceeded("max_prompt_tokens", len(ids), longest,
+                                    what="prompt and completion tokens (max_prompt_tokens + max_new_tokens)")
+        return self.submit(ScoreJob(session_id, [list(ids) for ids in sequences], top_k, owner))
 
     def submit(self, job: Job) -> JobHandle:
         """Queue any job; raises QueueFull when the queue is full, Unavailable when stopped."""
@@ -548,7 +620,7 @@ class Engine:
                     self._finish(r.key, exc=exc)
         self._publish_batch()
 
-    def _session_memory(self, job: GenerateJob) -> tuple[DocumentState, Any]:
+    def _session_memory(self, job: GenerateJob | ScoreJob) -> tuple[DocumentState, Any]:
         """The state to continue from and the weights to decode with (None: the base model)."""
         if job.session_id is None:
             return DocumentState.empty(), None
@@ -700,3 +772,10 @@ class Engine:
         if self._probe_ids is None:
             self._probe_ids = self.encode(DRIFT_PROBE.read_text(encoding="utf-8"), add_special_tokens=True)
         return self._probe_ids
+
+    def _run_score(self, job: ScoreJob, handle: JobHandle) -> list[TokenScores]:
+        """An exclusive job on the one model (no adaptation runs meanwhile; the generation batch
+        took its sessions' deltas off before it started)."""
+        state, weights = self._session_memory(job)
+        return score(self.loaded.model, state if state is not None else DocumentState.empty(), weights,
+                     job.sequences, job.top_k, self.vocab_size, handle.should_stop)

@@ -74,6 +74,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     if top_p < 1.0:
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = sorted_p.cumsum(-1) - sorted_p < top_p  # smallest prefix with mass >= top_p
+        keep[..., 0] = True  # the most likely token always stays (a top_p below fp32's range keeps nothing else)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p * keep)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
