@@ -75,7 +75,7 @@ def metrics(runtime: Runtime = Depends(get_runtime)) -> Response:
 # ------------------------------------------------------------------------------- adapt and generate
 @router.post("/v1/adapt", response_model=AdaptResponse,
              responses={200: {"content": event_stream("started", "progress", "done", "error")},
-                        **errors(400, 413, 429, 507)})
+                        **errors(400, 404, 413, 429, 507)})
 async def adapt(body: AdaptRequest, request: Request, serving: Serving = Depends(get_serving),
                 owner: str | None = Depends(get_owner)) -> Any:
     return await serving.adapt(body, request, owner)
