@@ -381,14 +381,20 @@ def export(args: argparse.Namespace) -> None:
 
 def curve_table(history: dict) -> str:
     """The gate measurements vs tokens seen, one line per evaluation (markdown table)."""
-    lines = ["| tokens | phase | cpu h | EM@256 | answer loss present | removed | gap (nats) | EM@512 |",
-             "| ---: | :-: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| tokens | phase | cpu h | EM@256 | answer loss present | removed | gap (nats) | EM@512 | EM@1K "
+             "| held-out loss |",
+             "| ---: | :-: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+
+    def cell(value) -> str:
+        return "" if value is None else f"{value:.2f}"
+
     for ev in history["evals"]:
         lk = ev["lookup_256"]
         em512 = ev.get("needle_512", {}).get("exact_match")
+        em1k = ev.get("needle_1024", {}).get("exact_match")
         lines.append(f"| {ev['tokens'] / 1e6:.2f}M | {ev['phase']} | {ev['cpu_seconds'] / 3600:.2f} | "
                      f"{lk['exact_match']:.3f} | {lk['present_loss']:.3f} | {lk['removed_loss']:.3f} | "
-                     f"{lk['gap']:.3f} | {'' if em512 is None else f'{em512:.2f}'} |")
+                     f"{lk['gap']:.3f} | {cell(em512)} | {cell(em1k)} | {cell(ev.get('heldout_loss'))} |")
     return "\n".join(lines)
 
 
