@@ -23,6 +23,7 @@ import json
 import math
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -46,7 +47,7 @@ def heldout_perplexity(model, tok, texts, windows: int, seed: int) -> dict:
     from refine_tta.train.needles import filler_window
 
     rng = random.Random(seed)
-    total, count = 0.0, 0
+    total, count, nbytes = 0.0, 0, 0
     with torch.no_grad():
         for _ in range(windows):
             ids = tok.encode(filler_window(rng, texts, 6000))[:1024]
@@ -54,8 +55,10 @@ def heldout_perplexity(model, tok, texts, windows: int, seed: int) -> dict:
             logits = read(model, x).logits[0]
             total += float(ce_sum(logits[:-1], x[0, 1:]))
             count += len(ids) - 1
+            nbytes += len(tok.decode(ids[1:]).encode("utf-8"))  # the UTF-8 bytes of the predicted tokens
     loss = total / count
-    return {"windows": windows, "tokens": count, "loss": loss, "perplexity": math.exp(loss)}
+    return {"windows": windows, "tokens": count, "bytes": nbytes, "loss": loss, "perplexity": math.exp(loss),
+            "bits_per_byte": total / math.log(2) / nbytes}
 
 
 def retrieval(model, tok, texts, length: int, n_docs: int, seed: int) -> dict:
@@ -89,20 +92,25 @@ def plot_loss_curve(log_path: Path, out_png: Path) -> None:
     import matplotlib.pyplot as plt
 
     log = json.loads(log_path.read_text())
-    steps = [s["step"] for s in log["steps"]]
+    # x: tokens seen (the staged recipe's log has them; older logs: steps of 4096 tokens)
+    x = [s.get("tokens", s["step"] * 4096) / 1e6 for s in log["steps"]]
     losses = [s["loss"] for s in log["steps"]]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, lw=0.8, alpha=0.5, label="train loss (per step)")
+    ax.plot(x, losses, lw=0.8, alpha=0.5, label="train loss (logged steps; answer-weighted in phases A-C)")
     w = 20
     smooth = [sum(losses[max(0, i - w + 1):i + 1]) / len(losses[max(0, i - w + 1):i + 1]) for i in range(len(losses))]
-    ax.plot(steps, smooth, lw=1.5, label=f"train loss ({w}-step mean)")
-    evals = log.get("evals", [])
+    ax.plot(x, smooth, lw=1.5, label=f"train loss ({w}-point mean)")
+    evals = [e for e in log.get("evals", []) if e.get("heldout_loss") is not None]
     if evals:
-        ax.plot([e["step"] for e in evals], [e["heldout_loss"] for e in evals], "o-", label="held-out loss")
-    ax.set_xlabel("optimizer step (4096 tokens)")
+        ax.plot([e.get("tokens", e["step"] * 4096) / 1e6 for e in evals], [e["heldout_loss"] for e in evals], "o-",
+                label="held-out prose loss")
+    for phase in log.get("phases", [])[1:]:  # the curriculum's phase changes
+        ax.axvline(phase["tokens"] / 1e6, color="grey", lw=0.8, ls="--")
+        ax.text(phase["tokens"] / 1e6, ax.get_ylim()[1], f" {phase['phase']}", va="top", fontsize=8)
+    ax.set_xlabel("tokens seen (millions)")
     ax.set_ylabel("next-token loss (nats)")
     ax.set_title("refine-tiny-deltanet training")
-    ax.legend()
+    ax.legend(loc="center left", fontsize=8)
     fig.tight_layout()
     fig.savefig(out_png, dpi=120)
 
@@ -149,8 +157,8 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     ppl = heldout_perplexity(loaded.model, loaded.tokenizer, texts, args.ppl_windows, args.seed)
-    print(f"held-out next-token loss {ppl['loss']:.3f} nats, perplexity {ppl['perplexity']:.1f} "
-          f"({ppl['windows']} windows, {ppl['tokens']} tokens)")
+    print(f"held-out next-token loss {ppl['loss']:.3f} nats, perplexity {ppl['perplexity']:.1f}, "
+          f"{ppl['bits_per_byte']:.3f} bits per byte ({ppl['windows']} windows, {ppl['tokens']} tokens)")
     rows = []
     print(f"{'length':>7} {'docs':>5} {'exact match':>12} {'95% CI':>16}")
     for length in [int(x) for x in args.lengths.split(",")]:
@@ -162,7 +170,7 @@ def main(argv=None) -> None:
         "heldout": ppl, "retrieval": rows, "seconds": time.perf_counter() - t0,
         "machine": {"cpus": torch.get_num_threads(), "torch": torch.__version__, "device": str(loaded.device),
                     "platform": platform.platform()},
-        "command": "python benchmarks/model_card.py " + " ".join(argv or []),
+        "command": "python benchmarks/model_card.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }
     (args.out / "model_card.json").write_text(json.dumps(result, indent=1))
     plot_retrieval(rows, args.out / "model_card_retrieval.png")

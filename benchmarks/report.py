@@ -26,7 +26,10 @@ from benchmarks import common as bc  # noqa: E402
 # Section name -> the command that produces its JSON (shown while it has not been run).
 SECTIONS = {
     "quality": "python -m benchmarks.quality",
-    "sweep": "python -m benchmarks.quality --sweep",
+    "quality_previous": "python -m benchmarks.quality   # on the previous embedded model (git history)",
+    "sweep": "python -m benchmarks.quality --sweep --sweep-modes refine --sweep-rewards binary,hybrid",
+    "sweep_sft": "python -m benchmarks.quality --sweep --sweep-modes sft --out benchmarks/results/sweep_sft.json",
+    "sweep_previous": "python -m benchmarks.quality --sweep   # on the previous embedded model (git history)",
     "sweep_reward": "python -m benchmarks.quality --sweep --sweep-modes refine --sweep-rewards hybrid,cosine "
                     "--out benchmarks/results/sweep_reward.json",
     "sweep_lora": "python -m benchmarks.quality --sweep --scope lora --out benchmarks/results/sweep_lora.json",
