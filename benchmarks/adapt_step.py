@@ -176,9 +176,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.adapt_step", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = bc.arg_parser("python -m benchmarks.adapt_step", __doc__)
     p.add_argument("--model", type=Path, default=DEFAULT_MODEL,
                    help="model directory (random init from its config.json if it has no weights)")
     p.add_argument("--tokenizer", type=Path, default=None,

@@ -13,6 +13,8 @@ BENCHMARKS.md, so the document shows exactly what the script wrote.
 
 from __future__ import annotations
 
+import argparse
+
 import datetime as _dt
 import json
 import math
@@ -128,6 +130,14 @@ def per_item_counts(text: str, items: list, what: str) -> list[int]:
 
 
 # --- provenance -------------------------------------------------------------------------------
+
+def arg_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of a benchmark script: ``doc``'s first paragraph as its description, the rest
+    (how to read the figures) after the options in ``--help``."""
+    return argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n\n".join(doc.split("\n\n")[1:]))
+
 
 def command_line(prog: str | None = None, argv: list[str] | None = None) -> str:
     """The command that produced a result: ``prog`` (default: how this process was started, e.g.

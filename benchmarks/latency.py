@@ -121,9 +121,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.latency", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = bc.arg_parser("python -m benchmarks.latency", __doc__)
     p.add_argument("--model", type=Path, default=None,
                    help="model directory (default: the embedded model); config.json only = random weights")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer directory when --model has none")

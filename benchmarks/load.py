@@ -260,9 +260,7 @@ async def run_levels(url: str, documents: list[str], args, t_start: float) -> li
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.load", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = bc.arg_parser("python -m benchmarks.load", __doc__)
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--url", default=None, help="use the server already running there (loopback only)")

@@ -298,9 +298,7 @@ def run_sweep(args, loaded, texts) -> dict:
 # --- command line -----------------------------------------------------------------------------
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quality", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = bc.arg_parser("python -m benchmarks.quality", __doc__)
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lengths", default=None, help=f"document lengths in tokens (default {DEFAULT_LENGTHS}; "

@@ -160,9 +160,7 @@ def _cost_table(summary: dict, modes: list[str]) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.ruler", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = bc.arg_parser("python -m benchmarks.ruler", __doc__)
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="a RULER parquet file")

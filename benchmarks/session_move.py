@@ -57,9 +57,7 @@ def measure(engine, other, text: str, config, reps: int) -> dict:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.session_move", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = bc.arg_parser("python -m benchmarks.session_move", __doc__)
     p.add_argument("--model", default=None, help="model directory (default: the embedded model)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--lengths", default="1024,8192", help="document lengths in tokens")
